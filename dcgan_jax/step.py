@@ -1,0 +1,216 @@
+"""The GAN state and the one jitted step that updates D `d_steps` times and G once.
+
+Only jax, flax and optax are imported here, so the models and the step run on machines
+without the input or logging stack. `config` is any object with the fields of
+`dcgan_jax.config.get_default_config()`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from dcgan_jax import parallel
+from dcgan_jax.models import Discriminator, Generator, image_pyramid, num_scales
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+@struct.dataclass
+class GANState:
+    """Both networks, G's moving average (None when disabled), the base key and the step."""
+
+    g: TrainState
+    d: TrainState
+    ema: Any
+    rng: jax.Array
+    step: jax.Array
+
+
+def build_models(config: Any) -> tuple[Generator, Discriminator]:
+    m = config.model
+    dtype = jnp.dtype(config.dtype)
+    generator = Generator(resolution=m.resolution, channels=m.channels, base_channels=m.ngf,
+                          msg=m.msg, dtype=dtype)
+    discriminator = Discriminator(resolution=m.resolution, base_channels=m.ndf, msg=m.msg,
+                                  msg_combine=m.msg_combine, dtype=dtype)
+    return generator, discriminator
+
+
+def learning_rate_fn(config: Any, base_lr: float, total_steps: int) -> optax.Schedule:
+    if config.train.lr_decay:
+        return optax.linear_schedule(base_lr, 0.0, max(total_steps, 1))
+    return optax.constant_schedule(base_lr)
+
+
+def _adam(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adam(schedule, b1=config.train.beta1, b2=config.train.beta2)
+
+
+def _init_state(rng: jax.Array, config: Any, total_steps: int) -> GANState:
+    generator, discriminator = build_models(config)
+    g_key, d_key, state_key = jax.random.split(rng, 3)
+    m = config.model
+    z = jnp.zeros((2, m.nz), jnp.float32)
+    g_vars = generator.init(g_key, z, train=False)
+    pyramid = image_pyramid(jnp.zeros((2, m.resolution, m.resolution, m.channels)),
+                            num_scales(m.resolution, m.msg))
+    d_vars = discriminator.init(d_key, pyramid, train=False)
+    t = config.train
+    g = TrainState.create(apply_fn=generator.apply, params=g_vars["params"],
+                          batch_stats=g_vars["batch_stats"],
+                          tx=_adam(config, learning_rate_fn(config, t.lr_g, total_steps)))
+    d = TrainState.create(apply_fn=discriminator.apply, params=d_vars["params"],
+                          batch_stats=d_vars["batch_stats"],
+                          tx=_adam(config, learning_rate_fn(config, t.lr_d, total_steps)))
+    ema = ({"params": g.params, "batch_stats": g.batch_stats}
+           if t.ema_decay > 0 else None)
+    return GANState(g=g, d=d, ema=ema, rng=state_key, step=jnp.zeros((), jnp.int32))
+
+
+def create_train_state(config: Any, mesh: Mesh, total_steps: int) -> GANState:
+    """Initialises both networks directly into replicated device memory."""
+    rng = jax.random.PRNGKey(config.seed)
+    init = functools.partial(_init_state, config=config, total_steps=total_steps)
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
+
+
+def abstract_train_state(config: Any, mesh: Mesh, total_steps: int) -> GANState:
+    """Shapes, dtypes and shardings of the state, without allocating it (for restores)."""
+    init = functools.partial(_init_state, config=config, total_steps=total_steps)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def bce(logits: jax.Array, target: float) -> jax.Array:
+    """Mean binary cross-entropy of logits against a constant target."""
+    return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)).mean()
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """EMA decay ramped up as (1 + step) / (10 + step), so that the average is not
+    dominated by the initial weights early in training."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def latent_batch(rng: jax.Array, step: jax.Array, index: int, batch: int,
+                 nz: int) -> jax.Array:
+    """The latents of D update `index` in `step`: a pure function of (rng, step, index)."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, step), index)
+    return jax.random.normal(key, (batch, nz), jnp.float32)
+
+
+def train_step(state: GANState, real: jax.Array, config: Any,
+               latent_sharding: Any = None) -> tuple[GANState, Metrics]:
+    """`d_steps` D updates on real[i] and fresh fakes, then one G update.
+
+    `real` is [d_steps, batch, H, W, C], uint8 or in [-1, 1]. G's update reuses the fake batch of
+    the last D update (as pytorch/examples does): its forward pass is kept as a VJP, so
+    G runs once per D update and no forward pass is recomputed.
+    """
+    generator, discriminator = build_models(config)
+    m, t = config.model, config.train
+    scales = num_scales(m.resolution, m.msg)
+    batch = real.shape[1]
+    if jnp.issubdtype(real.dtype, jnp.integer):
+        real = real.astype(jnp.float32) / 127.5 - 1.0
+
+    def generate(g_params, g_stats, z):
+        fake, updates = generator.apply({"params": g_params, "batch_stats": g_stats}, z,
+                                        train=True, mutable=["batch_stats"])
+        return fake, updates["batch_stats"]
+
+    def discriminate(d_params, d_stats, pyramid):
+        logits, updates = discriminator.apply({"params": d_params, "batch_stats": d_stats},
+                                              pyramid, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid):
+        real_logits, d_stats = discriminate(d_params, d_stats, real_pyramid)
+        fake_logits, d_stats = discriminate(d_params, d_stats, fake_pyramid)
+        loss = bce(real_logits, 1.0 - t.label_smoothing) + bce(fake_logits, 0.0)
+        return loss, (d_stats, jax.nn.sigmoid(real_logits).mean(),
+                      jax.nn.sigmoid(fake_logits).mean())
+
+    d, g_stats = state.d, state.g.batch_stats
+    d_metrics = []
+    for i in range(t.d_steps):
+        z = latent_batch(state.rng, state.step, i, batch, m.nz)
+        if latent_sharding is not None:
+            z = jax.lax.with_sharding_constraint(z, latent_sharding)
+        if i == t.d_steps - 1:
+            fake, g_pullback, g_stats = jax.vjp(
+                lambda p: generate(p, g_stats, z), state.g.params, has_aux=True)
+        else:
+            fake, g_stats = generate(state.g.params, g_stats, z)
+        real_pyramid = image_pyramid(real[i], scales)
+        grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
+        (loss_d, (d_stats, d_real, d_fake)), d_grads = grad_fn(
+            d.params, d.batch_stats, real_pyramid, jax.lax.stop_gradient(fake))
+        d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
+        d_metrics.append((loss_d, d_real, d_fake))
+
+    def g_loss_fn(fake_pyramid):
+        logits, d_stats = discriminate(d.params, d.batch_stats, fake_pyramid)
+        return bce(logits, 1.0), (d_stats, jax.nn.sigmoid(logits).mean())
+
+    (loss_g, (d_stats, d_fake_after)), fake_grads = jax.value_and_grad(
+        g_loss_fn, has_aux=True)(fake)
+    (g_grads,) = g_pullback(fake_grads)
+    g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
+    d = d.replace(batch_stats=d_stats)
+
+    ema = state.ema
+    if ema is not None:
+        # Averaged weights need BatchNorm statistics of their own: a forward pass of the
+        # averaged G on this step's latents keeps its running averages current.
+        decay = ema_decay_at(t.ema_decay, state.step)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                  ema["params"], g.params)
+        _, ema_stats = generate(ema_params, ema["batch_stats"], z)
+        ema = {"params": ema_params, "batch_stats": ema_stats}
+
+    loss_d, d_real, d_fake = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
+    metrics = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real,
+               "d_fake_before": d_fake, "d_fake_after": d_fake_after}
+    new_state = GANState(g=g, d=d, ema=ema, rng=state.rng, step=state.step + 1)
+    return new_state, metrics
+
+
+def make_train_step(config: Any, mesh: Mesh) -> Callable[[GANState, jax.Array],
+                                                         tuple[GANState, Metrics]]:
+    """The step jitted over `mesh`: state replicated and donated, real batches sharded."""
+    step = functools.partial(train_step, config=config,
+                             latent_sharding=parallel.batch_sharded(mesh))
+    return jax.jit(step,
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
+                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def all_finite(state: GANState) -> jax.Array:
+    """Whether every parameter of both networks is finite (checked before each save)."""
+    leaves = jax.tree.leaves((state.g.params, state.d.params))
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def generate_images(state: GANState, z: jax.Array, config: Any,
+                    use_ema: bool = True) -> jax.Array:
+    """Full-resolution images from G in inference mode (EMA weights when kept)."""
+    generator, _ = build_models(config)
+    variables = (state.ema if use_ema and state.ema is not None
+                 else {"params": state.g.params, "batch_stats": state.g.batch_stats})
+    return generator.apply(variables, z, train=False)[0]

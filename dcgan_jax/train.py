@@ -1,0 +1,149 @@
+"""The training run: data, state, the jitted step, samples, checkpoints and resume."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dcgan_jax import checkpoints, data, images, parallel, reporting
+from dcgan_jax import config as config_lib
+from dcgan_jax import step as step_lib
+from dcgan_jax.reporting import say
+
+# Independent of config.seed, so that grids of different runs show the same latents.
+BENCHMARK_NOISE_SEED = 2015
+
+
+def benchmark_noise(config: Any) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(BENCHMARK_NOISE_SEED),
+                             (config.sample_grid ** 2, config.model.nz))
+
+
+def _stop_requests() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so the loop can save before it exits."""
+    requested = threading.Event()
+
+    def handler(signum, frame):
+        del frame
+        say(f"Received {signal.Signals(signum).name}: saving a checkpoint, then stopping.")
+        requested.set()
+
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    return requested
+
+
+def _write_config(config: Any, workdir: str) -> None:
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(path + ".tmp", path)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
+    """Trains until config's last step, resuming from the workdir's latest checkpoint."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh()
+    source = data.open_source(config.dataset)
+    steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
+    total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+    num_epochs = -(-total_steps // steps_per_epoch)
+    _write_config(config, workdir)
+    say(reporting.config_table(config), reporting.devices_line(),
+        f"Data: {config.dataset}, {len(source):,} records, {steps_per_epoch:,} steps per "
+        f"epoch, {total_steps:,} steps in all")
+
+    state = step_lib.create_train_state(config, mesh, total_steps)
+    say(reporting.parameter_table("Generator", state.g.params),
+        reporting.parameter_table("Discriminator", state.d.params))
+    manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+    iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count())
+    start = manager.latest_step() or 0
+    if start:
+        state = checkpoints.restore(manager, step_lib.abstract_train_state(
+            config, mesh, total_steps), start, iterator)
+        say(f"Resumed from step {start} in {manager.directory}")
+    elif config.init_from:
+        state = checkpoints.load_weights(config.init_from, state, mesh)
+        say(f"Starting from the weights of {config.init_from}")
+    reporting.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+
+    samples_dir = os.path.join(workdir, "samples")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(samples_dir, "real.png")):
+        real = data.sample_images(config, source, config.sample_grid ** 2)
+        images.save_png(os.path.join(samples_dir, "real.png"),
+                        images.make_grid(real, config.sample_grid))
+
+    train_step = step_lib.make_train_step(config, mesh)
+    generate = jax.jit(functools.partial(step_lib.generate_images, config=config),
+                       static_argnames="use_ema", out_shardings=parallel.replicated(mesh))
+    all_finite = jax.jit(step_lib.all_finite)
+    noise = jax.device_put(benchmark_noise(config), parallel.replicated(mesh))
+
+    learning_rates = {
+        "lr_d": step_lib.learning_rate_fn(config, config.train.lr_d, total_steps),
+        "lr_g": step_lib.learning_rate_fn(config, config.train.lr_g, total_steps)}
+    reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
+                                  config.train.batch_size, learning_rates)
+    stop = _stop_requests()
+
+    def write_samples(step: int) -> None:
+        variants = [("", False)] + ([("_ema", True)] if state.ema is not None else [])
+        for suffix, use_ema in variants:
+            grid = images.make_grid(
+                images.to_uint8(parallel.fetch(generate(state, noise, use_ema=use_ema))),
+                config.sample_grid)
+            if jax.process_index() == 0:
+                images.save_png(os.path.join(samples_dir, f"step_{step:07d}{suffix}.png"), grid)
+            reporter.write_image(step, f"samples{suffix}", grid)
+
+    def save_checkpoint(step: int) -> None:
+        if not bool(parallel.fetch(all_finite(state))):
+            raise reporting.NonFiniteLossError(
+                f"parameters became non-finite by step {step}; not saved")
+        checkpoints.save(manager, step, state, iterator)
+
+    step = start
+    compile_start = time.perf_counter()
+    try:
+        for step in range(start + 1, total_steps + 1):
+            local = next(iterator)
+            local = local.reshape(config.train.d_steps, -1, *local.shape[1:])
+            state, metrics = train_step(state, parallel.global_batch(local, mesh, 1))
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                say(f"Compiled and ran the first step in "
+                    f"{time.perf_counter() - compile_start:.1f} s")
+                reporter.start_timer(step)
+            reporter.push(step, metrics if step % config.log_every == 0 else None)
+            if step % config.sample_every == 0 or step == total_steps:
+                write_samples(step)
+            preempted = (manager.reached_preemption(step) if jax.process_count() > 1
+                         else stop.is_set())
+            if step % config.ckpt_every == 0 or step == total_steps or preempted:
+                save_checkpoint(step)
+            if preempted:
+                break
+        reporter.flush()
+    except reporting.NonFiniteLossError as error:
+        manager.wait_until_finished()
+        raise reporting.NonFiniteLossError(
+            f"{error}; stopped. The last good checkpoint is step {manager.latest_step()} in "
+            f"{manager.directory}; lower the learning rates or resume from it") from None
+    finally:
+        manager.wait_until_finished()
+    if stop.is_set():
+        say(f"Stopped at step {step}; checkpoint saved. Run the same command to resume.")
+    else:
+        say(f"Done: {step} steps. Samples in {samples_dir}, checkpoints in {manager.directory}")
+    return state

@@ -1,0 +1,45 @@
+"""Three train steps of the tiny config on every device of every process; prints JSON.
+
+Run by test_parallel.py under different device and process counts, which must agree.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dcgan_jax import parallel, step as step_lib  # noqa: E402
+from tiny_config import tiny_config  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--num_processes", type=int, default=1)
+parser.add_argument("--process_id", type=int, default=0)
+parser.add_argument("--coordinator_address", default=None)
+parser.add_argument("--msg", action="store_true")
+args = parser.parse_args()
+
+if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
+
+config = tiny_config(train__batch_size=8, model__msg=args.msg)
+mesh = parallel.make_mesh()
+state = step_lib.create_train_state(config, mesh, total_steps=10)
+train_step = step_lib.make_train_step(config, mesh)
+batches = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 32, 32, 1), dtype=np.uint8)
+rows = 8 // jax.process_count()
+for real in batches:
+    local = real[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
+result = {k: float(v) for k, v in parallel.fetch(metrics).items()}
+result["g_params_abs_sum"] = float(sum(np.abs(x).sum() for x in
+                                       jax.tree.leaves(parallel.fetch(state.g.params))))
+result["devices"] = jax.device_count()
+if jax.process_index() == 0:
+    print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,126 @@
+"""Shapes, parameter counts and output ranges of G and D at every resolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcgan_jax.models import (Discriminator, Generator, image_pyramid, num_scales,
+                              MSG_COMBINES)
+
+RESOLUTIONS = (32, 64, 128, 256)
+VARIANTS = [(False, "simple")] + [(True, combine) for combine in MSG_COMBINES]
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def expected_generator_params(resolution, nz, ngf, channels, msg):
+    """Counted layer by layer as in pytorch/examples' DCGAN, plus MSG's 1x1 to-image convs."""
+    blocks = int(np.log2(resolution)) - 2
+    widths = [ngf * 2 ** i for i in reversed(range(blocks))]  # 4x4 ... resolution/2
+    total = nz * 16 * widths[0] + 2 * widths[0]
+    for c_in, c_out in zip(widths, widths[1:]):
+        total += c_in * 16 * c_out + 2 * c_out
+    total += widths[-1] * 16 * channels
+    if msg:
+        total += sum(w * channels + channels for w in widths)
+    return total
+
+
+def expected_discriminator_params(resolution, ndf, channels, msg, combine):
+    blocks = int(np.log2(resolution)) - 2
+    total, c_in = 0, channels
+    for i in range(blocks):
+        width = ndf * 2 ** i
+        total += c_in * 16 * width + (2 * width if i > 0 else 0)
+        c_in = width
+        if msg:  # combined with the image of the next resolution
+            if combine == "simple":
+                c_in = width + channels
+            elif combine == "lin_cat":
+                total += channels * width + width
+                c_in = 2 * width
+            else:
+                total += (width + channels) * width + width
+    return total + c_in * 16
+
+
+def abstract_variables(module, *args):
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, train=False))
+
+
+def test_default_counts_equal_pytorch_examples_dcgan():
+    g = abstract_variables(Generator(resolution=64), jnp.zeros((2, 100)))
+    d = abstract_variables(Discriminator(resolution=64),
+                           (jnp.zeros((2, 64, 64, 3)),))
+    # netG and netD of pytorch/examples/dcgan at nz=100, ngf=ndf=64, nc=3.
+    assert count(g["params"]) == 3_576_704
+    assert count(d["params"]) == 2_765_568
+
+
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+@pytest.mark.parametrize("msg,combine", VARIANTS)
+def test_shapes_and_parameter_counts(resolution, msg, combine):
+    nz, ngf, ndf, channels, batch = 100, 64, 64, 3, 2
+    generator = Generator(resolution=resolution, channels=channels, base_channels=ngf, msg=msg)
+    discriminator = Discriminator(resolution=resolution, base_channels=ndf, msg=msg,
+                                  msg_combine=combine)
+    z = jnp.zeros((batch, nz))
+    g_vars = abstract_variables(generator, z)
+    outputs = jax.eval_shape(lambda v: generator.apply(v, z, train=False), g_vars)
+    scales = num_scales(resolution, msg)
+    assert [o.shape for o in outputs] == [
+        (batch, resolution >> i, resolution >> i, channels) for i in range(scales)]
+    assert outputs[-1].shape[1] == (4 if msg else resolution)
+
+    pyramid = image_pyramid(jnp.zeros((batch, resolution, resolution, channels)), scales)
+    d_vars = abstract_variables(discriminator, pyramid)
+    logits = jax.eval_shape(lambda v: discriminator.apply(v, pyramid, train=False), d_vars)
+    assert logits.shape == (batch,)
+
+    assert count(g_vars["params"]) == expected_generator_params(
+        resolution, nz, ngf, channels, msg)
+    assert count(d_vars["params"]) == expected_discriminator_params(
+        resolution, ndf, channels, msg, combine)
+
+
+@pytest.mark.parametrize("msg,combine", VARIANTS)
+def test_forward_ranges(msg, combine):
+    generator = Generator(resolution=32, channels=1, base_channels=8, msg=msg)
+    discriminator = Discriminator(resolution=32, base_channels=8, msg=msg, msg_combine=combine)
+    z = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (6, 16))
+    g_vars = generator.init(jax.random.PRNGKey(0), z, train=False)
+    fakes, _ = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])
+    for image in fakes:
+        assert float(jnp.min(image)) >= -1.0 and float(jnp.max(image)) <= 1.0
+        assert float(jnp.std(image)) > 0.0
+    d_vars = discriminator.init(jax.random.PRNGKey(0), fakes, train=False)
+    logits, _ = discriminator.apply(d_vars, fakes, train=True, mutable=["batch_stats"])
+    assert logits.shape == (6,) and bool(jnp.all(jnp.isfinite(logits)))
+    assert len(set(np.asarray(logits).round(6))) == 6  # one logit per image
+
+
+def test_initialisation_statistics():
+    g_vars = Generator(resolution=64).init(jax.random.PRNGKey(0), jnp.zeros((2, 100)),
+                                           train=False)
+    kernel = g_vars["params"]["ConvTranspose_1"]["kernel"]
+    scale = g_vars["params"]["BatchNorm_1"]["scale"]
+    assert abs(float(kernel.mean())) < 1e-3 and abs(float(kernel.std()) - 0.02) < 1e-3
+    assert abs(float(scale.mean()) - 1.0) < 5e-3 and abs(float(scale.std()) - 0.02) < 5e-3
+    assert float(jnp.abs(g_vars["params"]["BatchNorm_1"]["bias"]).max()) == 0.0
+
+
+def test_real_pyramid_is_average_pooled():
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    pyramid = image_pyramid(images, num_scales(32, True))
+    assert [p.shape[1] for p in pyramid] == [32, 16, 8, 4]
+    expected = np.asarray(images).reshape(2, 4, 8, 4, 8, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(pyramid[3], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_discriminator_rejects_wrong_pyramid():
+    discriminator = Discriminator(resolution=32, base_channels=8, msg=True)
+    with pytest.raises(ValueError, match="pyramid of 4 images"):
+        discriminator.init(jax.random.PRNGKey(0), (jnp.zeros((1, 32, 32, 3)),), train=False)

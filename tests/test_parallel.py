@@ -1,0 +1,51 @@
+"""Results do not depend on how many devices or hosts share the global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import portpicker
+import pytest
+
+from helpers import REPO, run
+
+WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
+
+
+def result_of(stdout: str) -> dict:
+    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def assert_close(a: dict, b: dict, rel: float = 1e-4) -> None:
+    for key in ("loss_d", "loss_g", "d_real", "d_fake_before", "d_fake_after",
+                "g_params_abs_sum"):
+        assert a[key] == pytest.approx(b[key], rel=rel), key
+
+
+@pytest.mark.parametrize("msg", [False, True])
+def test_one_and_four_devices_agree(msg):
+    flags = ["--msg"] if msg else []
+    one = result_of(run([WORKER, *flags], devices=1).stdout)
+    four = result_of(run([WORKER, *flags], devices=4).stdout)
+    assert one["devices"] == 1 and four["devices"] == 4
+    assert_close(one, four)
+
+
+def test_two_hosts_agree_with_one():
+    single = result_of(run([WORKER], devices=4).stdout)
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, WORKER, "--num_processes=2", f"--process_id={i}",
+         f"--coordinator_address=127.0.0.1:{port}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    multi = result_of(outputs[0][0])
+    assert multi["devices"] == 4
+    assert_close(single, multi)

@@ -1,0 +1,156 @@
+"""One train_step: what it updates, its losses against a direct computation, k, EMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcgan_jax import parallel
+from dcgan_jax import step as step_lib
+from tiny_config import tiny_config
+
+
+def setup(config, seed=0):
+    mesh = parallel.make_mesh()
+    state = step_lib.create_train_state(config, mesh, total_steps=10)
+    shape = (config.train.d_steps, config.train.batch_size, 32, 32, 1)
+    real = jax.random.uniform(jax.random.PRNGKey(seed), shape, minval=-1.0, maxval=1.0)
+    return mesh, state, real
+
+
+def copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def direct_d_loss(config, state, real, smoothing):
+    """D's loss of the first D update, computed outside the step with numpy formulas."""
+    generator, discriminator = step_lib.build_models(config)
+    z = step_lib.latent_batch(state.rng, state.step, 0, config.train.batch_size,
+                              config.model.nz)
+    g_vars = {"params": state.g.params, "batch_stats": state.g.batch_stats}
+    fake, _ = generator.apply(g_vars, z, train=True, mutable=["batch_stats"])
+    d_vars = {"params": state.d.params, "batch_stats": state.d.batch_stats}
+    real_logits, _ = discriminator.apply(d_vars, (real[0],), train=True, mutable=["batch_stats"])
+    fake_logits, _ = discriminator.apply(d_vars, fake, train=True, mutable=["batch_stats"])
+    r, f = np.asarray(real_logits, np.float64), np.asarray(fake_logits, np.float64)
+    target = 1.0 - smoothing
+    loss_real = -(target * log_sigmoid(r) + (1 - target) * log_sigmoid(-r)).mean()
+    loss_fake = -log_sigmoid(-f).mean()
+    return loss_real + loss_fake, 1 / (1 + np.exp(-r)), 1 / (1 + np.exp(-f))
+
+
+def test_one_step_changes_both_networks(config):
+    mesh, state, real = setup(config)
+    before = copy((state.g.params, state.d.params, state.g.batch_stats, state.d.batch_stats))
+    new_state, metrics = step_lib.make_train_step(config, mesh)(state, real)
+    after = copy((new_state.g.params, new_state.d.params, new_state.g.batch_stats,
+                  new_state.d.batch_stats))
+    for old, new in zip(before, after):
+        changed = [not np.array_equal(a, b)
+                   for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))]
+        assert all(changed), "every leaf of both networks and their BatchNorm stats moves"
+    assert int(new_state.step) == 1
+    assert set(metrics) == {"loss_d", "loss_g", "d_real", "d_fake_before", "d_fake_after"}
+    assert float(metrics["d_fake_after"]) < float(metrics["d_fake_before"]), \
+        "after its update D scores the same fakes as less real"
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_d_loss_matches_direct_computation(smoothing):
+    config = tiny_config(train__label_smoothing=smoothing)
+    mesh, state, real = setup(config)
+    expected, d_real, d_fake = direct_d_loss(config, state, real, smoothing)
+    _, metrics = jax.jit(lambda s, r: step_lib.train_step(s, r, config))(state, real)
+    assert float(metrics["loss_d"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["d_real"]) == pytest.approx(d_real.mean(), rel=1e-5)
+    assert float(metrics["d_fake_before"]) == pytest.approx(d_fake.mean(), rel=1e-5)
+
+
+def test_label_smoothing_changes_only_the_real_target():
+    losses = {}
+    for smoothing in (0.0, 0.3):
+        config = tiny_config(train__label_smoothing=smoothing)
+        mesh, state, real = setup(config)
+        _, metrics = step_lib.make_train_step(config, mesh)(state, real)
+        losses[smoothing] = jax.device_get(metrics)
+    assert losses[0.3]["loss_d"] != pytest.approx(losses[0.0]["loss_d"], rel=1e-3)
+    # Before the D update nothing differs between the runs.
+    assert losses[0.3]["d_real"] == pytest.approx(losses[0.0]["d_real"], rel=1e-6)
+
+
+def test_d_steps_update_d_k_times_on_their_own_batches():
+    config = tiny_config(train__d_steps=3)
+    mesh, state, real = setup(config)
+    step = step_lib.make_train_step(config, mesh)
+    new_state, metrics = step(state, real)
+    assert int(new_state.d.step) == 3 and int(new_state.g.step) == 1
+    # Each D update reads its own batch: changing only the last one changes the result.
+    _, state2, _ = setup(config)
+    _, metrics2 = step(state2, real.at[2].set(-real[2]))
+    assert float(metrics2["loss_d"]) != pytest.approx(float(metrics["loss_d"]), rel=1e-6)
+    # The first of the k updates is the plain loss on real[0].
+    _, state3, _ = setup(config)
+    first, _, _ = direct_d_loss(config, state3, real, 0.0)
+    config1 = tiny_config()
+    _, state1, _ = setup(config1)
+    _, metrics1 = step_lib.make_train_step(config1, mesh)(state1, real[:1])
+    assert float(metrics1["loss_d"]) == pytest.approx(first, rel=1e-5)
+
+
+def test_ema_follows_formula():
+    config = tiny_config(train__ema_decay=0.5)
+    mesh, state, real = setup(config)
+    step = step_lib.make_train_step(config, mesh)
+    ema = copy(state.ema["params"])
+    for i in range(3):  # ramped decays 1/10, 2/11, 3/12, all below the 0.5 cap
+        decay = min(0.5, (1 + i) / (10 + i))
+        state, _ = step(state, real)
+        current = copy(state.g.params)
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, current)
+        for got, want in zip(jax.tree.leaves(copy(state.ema["params"])), jax.tree.leaves(ema)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert float(step_lib.ema_decay_at(0.999, 10**6)) == pytest.approx(0.999)
+
+
+def test_ema_generator_keeps_its_own_batchnorm_statistics():
+    config = tiny_config(train__ema_decay=0.999)
+    mesh, state, real = setup(config)
+    generator, _ = step_lib.build_models(config)
+    ema_before = copy(state.ema)
+    z = step_lib.latent_batch(state.rng, state.step, 0, config.train.batch_size,
+                              config.model.nz)
+    state, _ = step_lib.make_train_step(config, mesh)(state, real)
+    # The running statistics move as one train-mode pass of the averaged weights on z.
+    _, expected = generator.apply({"params": state.ema["params"],
+                                   "batch_stats": ema_before["batch_stats"]}, z, train=True,
+                                  mutable=["batch_stats"])
+    for got, want in zip(jax.tree.leaves(copy(state.ema["batch_stats"])),
+                         jax.tree.leaves(copy(expected["batch_stats"]))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_ema_state_when_disabled(config):
+    _, state, _ = setup(config)
+    assert state.ema is None
+
+
+def test_uint8_batches_are_scaled_on_device(config):
+    mesh, state, real = setup(config)
+    as_uint8 = jnp.round((real + 1) * 127.5).astype(jnp.uint8)
+    rescaled = as_uint8.astype(jnp.float32) / 127.5 - 1
+    step = jax.jit(lambda s, r: step_lib.train_step(s, r, config))
+    _, from_uint8 = step(state, as_uint8)
+    _, from_float = step(state, rescaled)
+    assert float(from_uint8["loss_d"]) == pytest.approx(float(from_float["loss_d"]), rel=1e-6)
+
+
+def test_lr_decay_reaches_zero():
+    config = tiny_config(train__lr_decay=True)
+    schedule = step_lib.learning_rate_fn(config, 2e-4, 100)
+    assert float(schedule(0)) == pytest.approx(2e-4)
+    assert float(schedule(50)) == pytest.approx(1e-4)
+    assert float(schedule(100)) == 0.0
