@@ -11,8 +11,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from dcgan_jax import config as config_lib, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples and logs.")
@@ -24,12 +27,6 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run (or J
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run "
                      "(or JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def hide_gpus_from_tensorflow() -> None:
-    """TensorFlow only reads data and writes summaries: keep it off the accelerators."""
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
 
 
 def fail(message: str) -> None:
@@ -44,8 +41,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(error).splitlines()[0])
     except (AttributeError, KeyError):
         fields = [arg[2:].split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
-        from dcgan_jax.config import flatten, get_default_config
-        known = set(flatten(get_default_config()))
+        known = set(config_lib.flatten(config_lib.get_default_config()))
         unknown = [f for f in fields if f.removeprefix("config.") not in known]
         fail(f"--{unknown[0] if unknown else fields[0]} is not a known config field; "
              f"see dcgan_jax/config.py")
@@ -63,15 +59,19 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and clu log every save at INFO.
-    hide_gpus_from_tensorflow()
-    from dcgan_jax import checkpoints, config as config_lib, data, parallel, reporting, train
-
     try:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
+        config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
+    except (config_lib.ConfigError, ValueError) as error:
+        fail(str(error))
+    # The input and logging stack loads only now: TensorFlow takes seconds to import.
+    from dcgan_jax import checkpoints, data, reporting, train
+
+    try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-            reporting.NonFiniteLossError, ValueError) as error:
+            reporting.NonFiniteLossError) as error:
         fail(str(error))
 
 

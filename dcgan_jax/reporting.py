@@ -15,12 +15,21 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers, parameter_overview
 
-from dcgan_jax import config as config_lib
+from dcgan_jax import config as config_lib, parallel
 
 class NonFiniteLossError(FloatingPointError):
     """A logged loss became NaN or infinite."""
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """TensorFlow only reads data and writes summaries here: keep it off the accelerators.
+
+    Must run before TensorFlow first touches a device, which clu and tfds do lazily.
+    """
+    tf.config.set_visible_devices([], "GPU")
 
 
 def say(*lines: str) -> None:
@@ -94,7 +103,7 @@ class Reporter:
         self.writer.flush()
 
     def write(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
-        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        values = {k: float(v) for k, v in parallel.fetch(device_metrics).items()}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             raise NonFiniteLossError(

@@ -52,6 +52,7 @@ def _write_config(config: Any, workdir: str) -> None:
 def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     """Trains until config's last step, resuming from the workdir's latest checkpoint."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    reporting.hide_gpus_from_tensorflow()
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
     source = data.open_source(config.dataset)
@@ -137,9 +138,11 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
         reporter.flush()
     except reporting.NonFiniteLossError as error:
         manager.wait_until_finished()
+        last_good = manager.latest_step()
+        kept = (f"the last good checkpoint is step {last_good} in {manager.directory}"
+                if last_good is not None else "no checkpoint was saved before it")
         raise reporting.NonFiniteLossError(
-            f"{error}; stopped. The last good checkpoint is step {manager.latest_step()} in "
-            f"{manager.directory}; lower the learning rates or resume from it") from None
+            f"{error}; stopped: {kept}. Lower config.train.lr_d and lr_g") from None
     finally:
         manager.wait_until_finished()
     if stop.is_set():

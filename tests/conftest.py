@@ -1,8 +1,12 @@
 """Fixtures shared by the tests."""
 
+import jax
 import pytest
 
+from helpers import COMPILATION_CACHE
 from tiny_config import tiny_config
+
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 
 
 @pytest.fixture

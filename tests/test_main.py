@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dcgan_jax import checkpoints, parallel, step as step_lib
-from helpers import REPO, main_args, run
+from helpers import REPO, main_args, run, subprocess_env
 
 PROGRESS = re.compile(
     r"^\[\d\d:\d\d:\d\d\] epoch \d+/\d+ step (\d+)/(\d+) \| loss_D [\d.]+ loss_G [\d.]+ "
@@ -82,11 +82,10 @@ def test_resume_matches_an_unbroken_run(tmp_path):
 
 
 def test_sigterm_saves_and_the_next_run_continues(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     args = main_args(tmp_path, **{"train.num_steps": 100000, "ckpt_every": 100000,
                                   "sample_every": 100000})
     stderr = open(tmp_path / "stderr.txt", "w+")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=subprocess_env(), text=True,
                             stdout=subprocess.PIPE, stderr=stderr)
     deadline = time.time() + 240
     for line in proc.stdout:
@@ -106,13 +105,16 @@ def test_sigterm_saves_and_the_next_run_continues(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
+    # Resumed with absurd learning rates, the weights overflow within a few steps.
     result = run(main_args(tmp_path, **{"train.lr_d": 1e30, "train.lr_g": 1e30,
                                         "train.num_steps": 50, "log_every": 1,
                                         "ckpt_every": 1}), check=False)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert "non-finite" in last and "last good checkpoint is step" in last, result.stderr[-2000:]
-    good = int(re.search(r"last good checkpoint is step (\d+)", last).group(1))
+    assert "non-finite" in last, result.stderr[-2000:]
+    good = int(re.search(r"the last good checkpoint is step (\d+)", last).group(1))
+    assert good >= 2
     state = restore_state(tmp_path)
     assert int(state.step) == good
     assert all(np.isfinite(x).all() for x in params_of(state))

@@ -8,7 +8,7 @@ import sys
 import portpicker
 import pytest
 
-from helpers import REPO, run
+from helpers import REPO, run, subprocess_env
 
 WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
 
@@ -36,12 +36,11 @@ def test_one_and_four_devices_agree(msg):
 def test_two_hosts_agree_with_one():
     single = result_of(run([WORKER], devices=4).stdout)
     port = portpicker.pick_unused_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, WORKER, "--num_processes=2", f"--process_id={i}",
          f"--coordinator_address=127.0.0.1:{port}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):

@@ -64,7 +64,7 @@ def test_d_loss_matches_direct_computation(smoothing):
     config = tiny_config(train__label_smoothing=smoothing)
     mesh, state, real = setup(config)
     expected, d_real, d_fake = direct_d_loss(config, state, real, smoothing)
-    _, metrics = jax.jit(lambda s, r: step_lib.train_step(s, r, config))(state, real)
+    _, metrics = step_lib.make_train_step(config, mesh)(state, real)
     assert float(metrics["loss_d"]) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["d_real"]) == pytest.approx(d_real.mean(), rel=1e-5)
     assert float(metrics["d_fake_before"]) == pytest.approx(d_fake.mean(), rel=1e-5)
@@ -72,14 +72,14 @@ def test_d_loss_matches_direct_computation(smoothing):
 
 def test_label_smoothing_changes_only_the_real_target():
     losses = {}
-    for smoothing in (0.0, 0.3):
+    for smoothing in (0.0, 0.2):
         config = tiny_config(train__label_smoothing=smoothing)
         mesh, state, real = setup(config)
         _, metrics = step_lib.make_train_step(config, mesh)(state, real)
         losses[smoothing] = jax.device_get(metrics)
-    assert losses[0.3]["loss_d"] != pytest.approx(losses[0.0]["loss_d"], rel=1e-3)
+    assert losses[0.2]["loss_d"] != pytest.approx(losses[0.0]["loss_d"], rel=1e-3)
     # Before the D update nothing differs between the runs.
-    assert losses[0.3]["d_real"] == pytest.approx(losses[0.0]["d_real"], rel=1e-6)
+    assert losses[0.2]["d_real"] == pytest.approx(losses[0.0]["d_real"], rel=1e-6)
 
 
 def test_d_steps_update_d_k_times_on_their_own_batches():
@@ -117,7 +117,7 @@ def test_ema_follows_formula():
 
 
 def test_ema_generator_keeps_its_own_batchnorm_statistics():
-    config = tiny_config(train__ema_decay=0.999)
+    config = tiny_config(train__ema_decay=0.5)
     mesh, state, real = setup(config)
     generator, _ = step_lib.build_models(config)
     ema_before = copy(state.ema)
@@ -141,10 +141,10 @@ def test_no_ema_state_when_disabled(config):
 def test_uint8_batches_are_scaled_on_device(config):
     mesh, state, real = setup(config)
     as_uint8 = jnp.round((real + 1) * 127.5).astype(jnp.uint8)
+    _, from_uint8 = step_lib.make_train_step(config, mesh)(state, as_uint8)
+    _, state, _ = setup(config)
     rescaled = as_uint8.astype(jnp.float32) / 127.5 - 1
-    step = jax.jit(lambda s, r: step_lib.train_step(s, r, config))
-    _, from_uint8 = step(state, as_uint8)
-    _, from_float = step(state, rescaled)
+    _, from_float = step_lib.make_train_step(config, mesh)(state, rescaled)
     assert float(from_uint8["loss_d"]) == pytest.approx(float(from_float["loss_d"]), rel=1e-6)
 
 
