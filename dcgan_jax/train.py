@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
+from absl import logging
 
 from dcgan_jax import checkpoints, data, images, parallel, reporting
 from dcgan_jax import config as config_lib
@@ -55,7 +55,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     reporting.hide_gpus_from_tensorflow()
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
-    source = data.open_source(config.dataset)
+    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
     steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     num_epochs = -(-total_steps // steps_per_epoch)
@@ -97,6 +97,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
                                   config.train.batch_size, learning_rates)
     stop = _stop_requests()
+    unreadable = data.UnreadableReport()
 
     def write_samples(step: int) -> None:
         variants = [("", False)] + ([("_ema", True)] if state.ema is not None else [])
@@ -118,8 +119,9 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     compile_start = time.perf_counter()
     try:
         for step in range(start + 1, total_steps + 1):
-            local = next(iterator)
-            local = local.reshape(config.train.d_steps, -1, *local.shape[1:])
+            batch = next(iterator)
+            unreadable.add(batch)
+            local = batch["image"].reshape(config.train.d_steps, -1, *batch["image"].shape[1:])
             state, metrics = train_step(state, parallel.global_batch(local, mesh, 1))
             if step == start + 1:
                 jax.block_until_ready(metrics)
@@ -127,6 +129,9 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                     f"{time.perf_counter() - compile_start:.1f} s")
                 reporter.start_timer(step)
             reporter.push(step, metrics if step % config.log_every == 0 else None)
+            if step % steps_per_epoch == 0 or step == total_steps:
+                if warning := unreadable.message():
+                    logging.warning("process %d: %s", jax.process_index(), warning)
             if step % config.sample_every == 0 or step == total_steps:
                 write_samples(step)
             preempted = (manager.reached_preemption(step) if jax.process_count() > 1

@@ -2,11 +2,14 @@
 
 import jax
 import pytest
+from absl import flags
 
 from helpers import COMPILATION_CACHE
 from tiny_config import tiny_config
 
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+# Grain's worker processes read absl flags, which the command line parses in real runs.
+flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture

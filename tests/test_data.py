@@ -1,7 +1,5 @@
 """The grain pipeline over the demo digits and image folders."""
 
-import warnings
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,20 +12,21 @@ from tiny_config import tiny_config
 def image_folder(tmp_path):
     """Colour JPEGs and PNGs in nested folders, odd modes, a truncated file, a text file."""
     rng = np.random.default_rng(0)
-    (tmp_path / "a" / "b").mkdir(parents=True)
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
     for i in range(12):
         array = rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)
-        folder = tmp_path / ("a" if i % 2 else "a/b")
+        folder = root / ("a" if i % 2 else "a/b")
         Image.fromarray(array).save(folder / f"img{i}.{'jpg' if i % 3 else 'png'}")
-    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(tmp_path / "gray.png")
-    Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)).save(root / "rgba.png")
     Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert(
-        "P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.gif")
-    whole = (tmp_path / "img0.png")
+        "P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
+    whole = (root / "img0.png")
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
-    (tmp_path / "truncated.png").write_bytes(whole.read_bytes()[:200])
-    (tmp_path / "notes.txt").write_text("not an image")
-    return tmp_path
+    (root / "truncated.png").write_bytes(whole.read_bytes()[:200])
+    (root / "notes.txt").write_text("not an image")
+    return root
 
 
 def test_folder_lists_images_recursively(image_folder):
@@ -60,18 +59,26 @@ def test_every_mode_becomes_the_model_channels(image_folder, name, channels):
     assert image.shape == (32, 32, channels) and image.dtype == np.uint8
 
 
-def test_pipeline_skips_unreadable_files(image_folder):
+def test_pipeline_skips_and_counts_unreadable_files(image_folder):
     config = tiny_config(dataset=f"folder:{image_folder}", train__batch_size=4,
                          model__channels=3)
     source = data.open_source(config.dataset)
     iterator = data.make_pipeline(config, source, 0, 1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batches = [next(iterator) for _ in range(8)]  # two passes over 16 readable images
-    assert all(b.shape == (4, 32, 32, 3) and b.dtype == np.uint8 for b in batches)
-    assert any("truncated.png" in str(w.message) for w in caught)
-    first, second = np.concatenate(batches[:4]), np.concatenate(batches[4:])
+    batches = [next(iterator) for _ in range(8)]  # two passes over 16 readable images
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
+               for b in batches)
+    report = data.UnreadableReport()
+    for batch in batches[:4]:
+        report.add(batch)
+    assert report.count == 1 and report.paths == [str(image_folder / "truncated.png")]
+    message = report.message()
+    assert "skipped 1 unreadable image file(s)" in message and "truncated.png" in message
+    assert report.message() is None, "the warning comes once"
+    first = np.concatenate([b["image"] for b in batches[:4]])
+    second = np.concatenate([b["image"] for b in batches[4:]])
     assert not np.array_equal(first, second), "each epoch is reshuffled"
+    assert sorted(first.reshape(16, -1).sum(1)) == sorted(second.reshape(16, -1).sum(1)), \
+        "both epochs hold the same 16 images"
 
 
 def test_demo_digits_and_shards():
@@ -95,7 +102,7 @@ def test_resumed_iterator_continues_exactly():
     fresh = data.make_pipeline(config, source, 0, 1)
     fresh.set_state(saved)
     for want in expected:
-        np.testing.assert_array_equal(next(fresh), want)
+        np.testing.assert_array_equal(next(fresh)["image"], want["image"])
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -106,3 +113,58 @@ def test_errors_name_the_problem(tmp_path):
     config = tiny_config(train__batch_size=64)
     with pytest.raises(data.DataError, match="fewer than one step needs"):
         data.steps_per_epoch(config, np.zeros((10, 28, 28), np.uint8), 1)
+
+
+def test_tfds_source_through_the_same_pipeline():
+    import tensorflow_datasets as tfds
+    config = tiny_config(dataset="tfds:mnist:train", train__batch_size=4)
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.open_source(config.dataset)
+        assert len(source) == 12
+        batch = next(data.make_pipeline(config, source, 0, 1))
+    assert batch["image"].shape == (4, 32, 32, 1) and batch["image"].dtype == np.uint8
+
+
+def test_tfds_errors():
+    with pytest.raises(data.DataError, match="tensorflow-datasets has no dataset 'no_such_set'"):
+        data.open_source("tfds:no_such_set")
+    with pytest.raises(data.DataError) as error:
+        data.open_source("tfds:celeb_a", tfds_data_dir="/nonexistent/tfds")
+    message = str(error.value)
+    assert "config.dataset='tfds:celeb_a' is not prepared here" in message
+    assert "tfds build celeb_a" in message and "img_align_celeba" in message
+    assert "\n" not in message
+
+
+def test_kaggle_without_credentials(tmp_path, monkeypatch):
+    for name in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no_kaggle_here"))
+    with pytest.raises(data.DataError, match="needs Kaggle credentials: create a token at"):
+        data.open_source("kaggle:someone/cats", cache_dir=str(tmp_path))
+    with pytest.raises(data.DataError, match="must be kaggle:OWNER/DATASET"):
+        data.open_source("kaggle:cats", cache_dir=str(tmp_path))
+
+
+def test_kaggle_reads_a_completed_download_without_network(tmp_path, image_folder,
+                                                          monkeypatch):
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no_kaggle_here"))
+    cached = tmp_path / "cache" / "kaggle" / "someone" / "cats"
+    cached.parent.mkdir(parents=True)
+    image_folder.rename(cached)
+    source = data.open_source("kaggle:someone/cats", cache_dir=str(tmp_path / "cache"))
+    assert len(source) == 17 and all(p.startswith(str(cached)) for p in source)
+
+
+def test_worker_processes_decode_and_resume(image_folder):
+    config = tiny_config(dataset=f"folder:{image_folder}", train__batch_size=4,
+                         model__channels=3, data__num_workers=2)
+    source = data.open_source(config.dataset)
+    iterator = data.make_pipeline(config, source, 0, 1)
+    next(iterator)
+    saved = iterator.get_state()
+    expected = [next(iterator)["image"] for _ in range(5)]
+    fresh = data.make_pipeline(config, source, 0, 1)
+    fresh.set_state(saved)
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["image"], want)
