@@ -234,8 +234,9 @@ class UnreadableReport:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         self.count += int(batch["skipped"].sum())
-        if len(self.paths) < self.examples:
-            self.paths += [str(p) for p in batch["skipped_path"] if p][:self.examples]
+        for path in batch["skipped_path"]:
+            if path and len(self.paths) < self.examples and str(path) not in self.paths:
+                self.paths.append(str(path))
 
     def message(self) -> str | None:
         """The warning, the first time it is asked for after a skip; then None."""

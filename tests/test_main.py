@@ -143,3 +143,23 @@ def test_missing_init_from(tmp_path):
     result = run(main_args(tmp_path / "run", init_from=str(tmp_path / "nowhere")), check=False)
     assert result.returncode != 0
     assert "config.json does not exist" in result.stderr.strip().splitlines()[-1]
+
+
+def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.jpg")
+    (folder / "broken.jpg").write_bytes((folder / "00.jpg").read_bytes()[:100])
+    overrides = {"dataset": f"folder:{folder}", "data.num_workers": 2, "train.batch_size": 4,
+                 "train.num_steps": 5, "ckpt_every": 2}
+    result = run(main_args(tmp_path / "run", **overrides))
+    assert "Done: 5 steps" in result.stdout
+    warning = re.search(r"skipped \d+ unreadable image file\(s\) so far, e\.g\. (.*); they",
+                        result.stderr)
+    assert warning and warning.group(1) == str(folder / "broken.jpg"), result.stderr[-2000:]
+    resumed = run(main_args(tmp_path / "run", **{**overrides, "train.num_steps": 7}))
+    assert "Resumed from step 5" in resumed.stdout and "Done: 7 steps" in resumed.stdout
