@@ -83,19 +83,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Dotted field names to values."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Dotted field names to values, in schema order."""
-    return _flatten(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -297,11 +297,14 @@ def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
 
 
 def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
-    """The first `count` readable images of the dataset, preprocessed, for figures."""
+    """`count` readable images drawn at random (from config.seed), preprocessed, for figures.
+
+    Drawn rather than taken from the start: some sources are sorted by class.
+    """
     loader = dataclasses.replace(loader_from_config(config), random_flip=False)
     images = []
-    for record in source:
-        image = loader(record, np.random.default_rng(0))["image"]
+    for index in np.random.default_rng(config.seed).permutation(len(source)):
+        image = loader(source[int(index)], np.random.default_rng(0))["image"]
         if image is not None:
             images.append(image)
         if len(images) == count:

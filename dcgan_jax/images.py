@@ -36,6 +36,7 @@ def save_png(path: str, image: np.ndarray) -> None:
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -32,7 +32,11 @@ def _stop_requests() -> threading.Event:
 
     def handler(signum, frame):
         del frame
-        say(f"Received {signal.Signals(signum).name}: saving a checkpoint, then stopping.")
+        if requested.is_set():  # A second signal: stop now, without saving.
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        say(f"Received {signal.Signals(signum).name}: saving a checkpoint, then stopping "
+            f"(send it again to stop without saving).")
         requested.set()
 
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
@@ -128,7 +132,8 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                 say(f"Compiled and ran the first step in "
                     f"{time.perf_counter() - compile_start:.1f} s")
                 reporter.start_timer(step)
-            reporter.push(step, metrics if step % config.log_every == 0 else None)
+            log = step % config.log_every == 0 or step == total_steps
+            reporter.push(step, metrics if log else None)
             if step % steps_per_epoch == 0 or step == total_steps:
                 if warning := unreadable.message():
                     logging.warning("process %d: %s", jax.process_index(), warning)

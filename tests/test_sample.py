@@ -1,0 +1,148 @@
+"""dcgan_jax.sample on a tiny trained run: every figure, determinism, --step, errors."""
+
+import json
+import os
+import re
+import shutil
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcgan_jax import checkpoints, parallel, step as step_lib
+from dcgan_jax.sample import Sampler, interpolation_path
+from helpers import main_args, run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trained")
+    run(main_args(path, **{"train.num_steps": 4, "train.ema_decay": 0.5, "ckpt_every": 2,
+                           "sample_every": 2, "log_every": 1}))
+    return path
+
+
+def sample(workdir, *args, devices=1, check=True):
+    return run(["-m", "dcgan_jax.sample", *args, f"--workdir={workdir}"], devices=devices,
+               check=check)
+
+
+def test_grid_is_reproducible_on_any_device_count(workdir, tmp_path):
+    paths = {}
+    for devices in (1, 4):
+        paths[devices] = tmp_path / f"grid{devices}.png"
+        sample(workdir, "grid", "--seed=3", "--rows=3", "--cols=5", f"--out={paths[devices]}",
+               devices=devices)
+    assert paths[1].read_bytes() == paths[4].read_bytes()
+    grid = np.asarray(Image.open(paths[1]))
+    assert grid.shape == (3 * 34 + 2, 5 * 34 + 2) and grid.std() > 0
+    other = tmp_path / "other.png"
+    sample(workdir, "grid", "--seed=4", "--rows=3", "--cols=5", f"--out={other}")
+    assert other.read_bytes() != paths[1].read_bytes()
+
+
+def test_files_interpolate_and_summary(workdir, tmp_path):
+    folder = tmp_path / "files"
+    sample(workdir, "files", "--num=10", "--batch_size=4", "--seed=3", f"--out={folder}",
+           devices=2)
+    names = sorted(os.listdir(folder))
+    assert names == [f"{i:06d}.png" for i in range(10)]
+    first = np.asarray(Image.open(folder / names[0]))
+    assert first.shape == (32, 32) and first.dtype == np.uint8
+    # Image i of a seed does not depend on the batch it was generated in.
+    grid = tmp_path / "grid.png"
+    sample(workdir, "grid", "--seed=3", "--rows=1", "--cols=2", f"--out={grid}")
+    from_grid = np.asarray(Image.open(grid))[2:34, 36:68].astype(int)
+    assert np.abs(from_grid - np.asarray(Image.open(folder / names[1])).astype(int)).max() <= 1
+
+    out = sample(workdir, "interpolate", "--points=3", "--frames=4",
+                 f"--out={tmp_path / 'walk'}").stdout.split()
+    assert sorted(out) == sorted(str(tmp_path / f"walk_{m}.{e}") for m in ("linear", "slerp")
+                                 for e in ("png", "gif"))
+    strip = np.asarray(Image.open(tmp_path / "walk_slerp.png"))
+    assert strip.shape == (2 * 34 + 2, 5 * 34 + 2)  # 9 frames in 2 rows
+    assert iio.imread(tmp_path / "walk_linear.gif").shape[0] == 16  # there and back
+
+    summary = sample(workdir, "summary").stdout
+    assert re.search(r"Generator: [\d,]+ parameters", summary)
+    assert re.search(r"Discriminator: [\d,]+ parameters", summary)
+
+
+def test_training_gif_plot_and_real_vs_fake(workdir, tmp_path):
+    out = sample(workdir, "gif", f"--out={tmp_path / 'train.gif'}").stdout
+    assert "2 frames" in out
+    frames = iio.imread(tmp_path / "train.gif")
+    assert frames.shape[0] == 2
+    raw = sample(workdir, "gif", "--no_ema", f"--out={tmp_path / 'raw.gif'}").stdout
+    assert "2 frames" in raw
+
+    assert "4 logged steps" in sample(workdir, "plot", f"--out={tmp_path / 'p.png'}").stdout
+    assert Image.open(tmp_path / "p.png").size == (1000, 700)
+
+    sample(workdir, "real_vs_fake", "--rows=4", f"--out={tmp_path / 'rvf.png'}")
+    figure = np.asarray(Image.open(tmp_path / "rvf.png").convert("L"))
+    assert figure.shape == (640, 1200) and figure.std() > 0
+
+
+def test_interpolation_ends_are_the_end_samples(workdir):
+    sampler = Sampler(str(workdir))
+    ends = sampler.latents(seed=7, count=3)
+
+    def generate(z):  # float outputs: a 4-step generator varies by less than a grey level
+        return np.asarray(step_lib.generate_images(sampler.state, z, sampler.config))
+
+    direct = generate(ends)
+    for method in ("linear", "slerp"):
+        path = interpolation_path(ends, 5, method)
+        assert path.shape == (11, ends.shape[1])
+        np.testing.assert_allclose(path[[0, 5, 10]], ends, rtol=1e-6, atol=1e-6)
+        walk = generate(path)
+        np.testing.assert_allclose(walk[[0, 5, 10]], direct, rtol=1e-4, atol=1e-5)
+        assert np.abs(walk[2] - direct[0]).max() > 1e-4  # the way between differs
+    assert np.array_equal(sampler.generate(path[[0]])[0], sampler.generate(ends)[0])
+
+
+def test_step_restores_that_steps_weights(workdir):
+    config = checkpoints.read_run_config(str(workdir))
+    mesh = parallel.make_mesh()
+    manager = checkpoints.make_manager(str(workdir), read_only=True)
+    saved = checkpoints.restore(manager, step_lib.abstract_train_state(config, mesh, 1), 2)
+    at_two, latest = Sampler(str(workdir), step=2), Sampler(str(workdir))
+    assert at_two.step == 2 and latest.step == 4
+    for a, b in zip(jax.tree.leaves(at_two.state.ema), jax.tree.leaves(saved.ema)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    z = latest.latents(0, 4)
+    assert not np.array_equal(at_two.generate(z), latest.generate(z))
+    raw = Sampler(str(workdir), use_ema=False)
+    assert not raw.use_ema and not np.array_equal(raw.generate(z), latest.generate(z))
+
+
+def test_errors(workdir, tmp_path):
+    missing = sample(workdir, "grid", "--step=3", check=False)
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines()[-1].endswith("saved steps: 2, 4")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(workdir / "config.json", empty / "config.json")
+    none = sample(empty, "grid", check=False)
+    assert "no checkpoint in" in none.stderr.strip().splitlines()[-1]
+
+    not_a_run = sample(tmp_path / "nowhere", "grid", check=False)
+    assert "config.json does not exist" in not_a_run.stderr.strip().splitlines()[-1]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    for root, _, files in os.walk(broken / "checkpoints" / "4" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    unreadable = sample(broken, "grid", check=False)
+    last = unreadable.stderr.strip().splitlines()[-1]
+    assert unreadable.returncode != 0 and "cannot be read" in last, unreadable.stderr[-2000:]
+    assert "Traceback" not in unreadable.stderr
+
+    bad_mode = sample(workdir, "paint", check=False)
+    assert "give one mode of grid, files" in bad_mode.stderr.strip().splitlines()[-1]
