@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
@@ -69,6 +70,18 @@ def read_run_config(workdir: str) -> Any:
         return config_lib.from_json(f.read())
 
 
+def check_same_model(config: Any, workdir: str) -> None:
+    """Refuses to resume a run with networks other than those its checkpoints hold."""
+    saved = config_lib.flatten(read_run_config(workdir).model, "model.")
+    for name, value in config_lib.flatten(config.model, "model.").items():
+        if (saved_value := saved.get(name)) != value:
+            raise CheckpointError(
+                f"config.{name}={value!r} differs from {saved_value!r} in "
+                f"{os.path.join(workdir, 'config.json')}, whose checkpoints this run would "
+                f"resume; use the same model fields, or a new workdir with "
+                f"--config.init_from={workdir}")
+
+
 def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.GANState:
     """`state` with G, D and EMA weights from another run's latest checkpoint.
 
@@ -89,6 +102,7 @@ def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.
     ema = state.ema
     if ema is not None:
         ema = other.ema or {"params": other.g.params, "batch_stats": other.g.batch_stats}
+        ema = jax.tree.map(jnp.copy, ema)  # own buffers: the train step donates the state
     return state.replace(
         g=state.g.replace(params=other.g.params, batch_stats=other.g.batch_stats),
         d=state.d.replace(params=other.d.params, batch_stats=other.d.batch_stats),

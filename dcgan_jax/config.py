@@ -148,6 +148,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
     _validate_crop(config.data.crop)
     _require(config.data.num_workers >= 0,
              f"config.data.num_workers={config.data.num_workers} must be 0 or more")
+    _require(config.data.prefetch >= 1,
+             f"config.data.prefetch={config.data.prefetch} must be at least 1")
 
     b = train.batch_size
     _require(b >= 1, f"config.train.batch_size={b} must be at least 1")

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 from typing import Any, Sequence
 
 import grain
@@ -152,6 +153,10 @@ def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+class CropError(DataError):
+    """config.data.crop does not fit an image: a config problem, never skipped."""
+
+
 def crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
     """PIL (left, upper, right, lower) of a centred square or a fixed 'top,left,h,w' box."""
     if crop == "center":
@@ -159,6 +164,9 @@ def crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
     top, left, h, w = (int(p) for p in crop.split(","))
+    if top + h > height or left + w > width:
+        raise CropError(f"config.data.crop={crop!r} (top,left,height,width) does not fit "
+                        f"inside a {width}x{height} image")
     return left, top, left + w, top + h
 
 
@@ -191,6 +199,8 @@ class Loader:
     def __call__(self, record: Any, rng: np.random.Generator) -> dict[str, Any]:
         try:
             image = preprocess(record, self.resolution, self.channels, self.crop)
+        except CropError:
+            raise
         except UNREADABLE:
             if isinstance(record, str):
                 return {"image": None, "unreadable": record}
@@ -263,14 +273,21 @@ def shard(source: Sequence[Any], process_index: int, process_count: int) -> grai
 
 def steps_per_epoch(config: Any, source: Sequence[Any], process_count: int) -> int:
     """Full steps in one pass over this process's shard; raises if there is not one."""
-    local = len(shard(source, 0, process_count))
+    local = len(source) // process_count  # the smallest shard
     needed = records_per_step(config, process_count)
     if local < needed:
         raise DataError(
-            f"config.dataset={config.dataset!r} has {len(source)} images, fewer than one "
-            f"step needs ({config.train.batch_size} x {config.train.d_steps} d_steps); lower "
-            f"config.train.batch_size")
+            f"config.dataset={config.dataset!r} has {len(source)} images, {local} per "
+            f"process, fewer than one step needs ({needed}: config.train.batch_size="
+            f"{config.train.batch_size} x d_steps={config.train.d_steps} over "
+            f"{process_count} process(es)); lower config.train.batch_size")
     return local // needed
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches the workers too; the training process alone decides how to stop."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
@@ -292,7 +309,8 @@ def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
                                   drop_remainder=True)
     if config.data.num_workers > 0:
         ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch))
+            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch),
+            worker_init_fn=_ignore_interrupts)
     return iter(ds)
 
 

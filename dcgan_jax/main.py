@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
-    except (config_lib.ConfigError, ValueError) as error:
+    except ValueError as error:  # ConfigError, or incomplete multi-host flags
         fail(str(error))
     # The input and logging stack loads only now: TensorFlow takes seconds to import.
     from dcgan_jax import checkpoints, data, reporting, train

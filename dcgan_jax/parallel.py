@@ -18,7 +18,8 @@ DATA_AXIS = "data"
 
 def _cluster_detected() -> bool:
     """Whether JAX can find the coordinator itself: a SLURM job or a Cloud TPU pod."""
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    # SLURM_STEP_NUM_TASKS is set by srun; a batch script alone runs one process.
+    return (int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 

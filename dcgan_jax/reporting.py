@@ -21,7 +21,7 @@ from clu import metric_writers, parameter_overview
 from dcgan_jax import config as config_lib, parallel
 
 class NonFiniteLossError(FloatingPointError):
-    """A logged loss became NaN or infinite."""
+    """A logged loss, or a weight about to be saved, became NaN or infinite."""
 
 
 def hide_gpus_from_tensorflow() -> None:
@@ -57,13 +57,22 @@ def parameter_table(name: str, params: Any) -> str:
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
-    """Drops lines logged after `last_step`, the checkpoint a resumed run continues from."""
+    """Drops lines logged after `last_step`, the checkpoint a resumed run continues from,
+    and any line a crash left half-written."""
     if not os.path.exists(path):
         return
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
+        lines = [line if line.endswith("\n") else line + "\n" for line in f if kept(line)]
+    with open(path + ".tmp", "w") as f:
         f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 class Reporter:
@@ -113,7 +122,8 @@ class Reporter:
         steps_per_sec = ((step - self._last_step) / (now - self._last_time)
                          if self._last_time is not None and step > self._last_step else 0.0)
         self._last_time, self._last_step = now, step
-        values.update({name: float(fn(step)) for name, fn in self.learning_rates.items()})
+        # The rates this step's updates used: optimizer counts start at 0.
+        values.update({name: float(fn(step - 1)) for name, fn in self.learning_rates.items()})
         values["steps_per_sec"] = steps_per_sec
         values["images_per_sec"] = steps_per_sec * self.images_per_step
         epoch = min((step - 1) // self.steps_per_epoch + 1, self.num_epochs)

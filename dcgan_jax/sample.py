@@ -144,10 +144,13 @@ def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, 
 
 
 def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
-    pattern = os.path.join(workdir, "samples", "step_*_ema.png" if ema else "step_*.png")
-    frames = sorted(p for p in glob.glob(pattern) if ema or not p.endswith("_ema.png"))
+    """The run's sample grids as a GIF: the EMA ones when asked for and present."""
+    grids = sorted(glob.glob(os.path.join(workdir, "samples", "step_*.png")))
+    averaged = [p for p in grids if p.endswith("_ema.png")]
+    frames = averaged if ema and averaged else [p for p in grids if p not in averaged]
     if not frames:
-        raise checkpoints.CheckpointError(f"no sample grids match {pattern}")
+        raise checkpoints.CheckpointError(
+            f"no sample grids in {os.path.join(workdir, 'samples')}; train first")
     iio.imwrite(path, [iio.imread(p) for p in frames], duration=1000 / fps, loop=0)
     return len(frames)
 
@@ -208,11 +211,16 @@ def main(argv: list[str]) -> None:
         sys.exit("dcgan_jax.sample: error: --workdir is required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    for name in ("rows", "cols", "num", "batch_size", "frames"):
+        if FLAGS[name].value < 1:
+            sys.exit(f"dcgan_jax.sample: error: --{name}={FLAGS[name].value} must be at least 1")
+    if FLAGS.points < 2:
+        sys.exit(f"dcgan_jax.sample: error: --points={FLAGS.points} must be at least 2")
     mode, workdir = argv[1], FLAGS.workdir
     ema = not FLAGS.no_ema
     try:
         if mode == "gif":
-            path = output_path(workdir, "training_ema.gif" if ema else "training.gif")
+            path = output_path(workdir, "training.gif")
             print(f"{path}: {write_training_gif(workdir, path, FLAGS.fps, ema)} frames")
             return
         if mode == "plot":
@@ -242,8 +250,12 @@ def main(argv: list[str]) -> None:
         print("\n".join(write_interpolations(sampler, FLAGS.seed, FLAGS.points, FLAGS.frames,
                                              FLAGS.fps, prefix)))
     elif mode == "real_vs_fake":
+        from dcgan_jax import data
         path = output_path(workdir, f"real_vs_fake_{tag}.png")
-        write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows)
+        try:
+            write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows)
+        except data.DataError as error:
+            sys.exit(f"dcgan_jax.sample: error: {error}")
         print(path)
 
 

@@ -48,14 +48,23 @@ def build_models(config: Any) -> tuple[Generator, Discriminator]:
     return generator, discriminator
 
 
-def learning_rate_fn(config: Any, base_lr: float, total_steps: int) -> optax.Schedule:
-    if config.train.lr_decay:
-        return optax.linear_schedule(base_lr, 0.0, max(total_steps, 1))
-    return optax.constant_schedule(base_lr)
+def learning_rate_fns(config: Any, total_steps: int) -> dict[str, optax.Schedule]:
+    """Learning rate of G and D by train step (D's optimizer counts d_steps per step)."""
+    t = config.train
+
+    def schedule(base_lr: float) -> optax.Schedule:
+        if t.lr_decay:
+            return optax.linear_schedule(base_lr, 0.0, max(total_steps, 1))
+        return optax.constant_schedule(base_lr)
+
+    return {"lr_g": schedule(t.lr_g), "lr_d": schedule(t.lr_d)}
 
 
-def _adam(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.adam(schedule, b1=config.train.beta1, b2=config.train.beta2)
+def _optimizers(config: Any, total_steps: int) -> tuple[optax.GradientTransformation, ...]:
+    rates = learning_rate_fns(config, total_steps)
+    d_steps = config.train.d_steps
+    adam = functools.partial(optax.adam, b1=config.train.beta1, b2=config.train.beta2)
+    return adam(rates["lr_g"]), adam(lambda count: rates["lr_d"](count // d_steps))
 
 
 def _init_state(rng: jax.Array, config: Any, total_steps: int) -> GANState:
@@ -67,15 +76,13 @@ def _init_state(rng: jax.Array, config: Any, total_steps: int) -> GANState:
     pyramid = image_pyramid(jnp.zeros((2, m.resolution, m.resolution, m.channels)),
                             num_scales(m.resolution, m.msg))
     d_vars = discriminator.init(d_key, pyramid, train=False)
-    t = config.train
+    g_tx, d_tx = _optimizers(config, total_steps)
     g = TrainState.create(apply_fn=generator.apply, params=g_vars["params"],
-                          batch_stats=g_vars["batch_stats"],
-                          tx=_adam(config, learning_rate_fn(config, t.lr_g, total_steps)))
+                          batch_stats=g_vars["batch_stats"], tx=g_tx)
     d = TrainState.create(apply_fn=discriminator.apply, params=d_vars["params"],
-                          batch_stats=d_vars["batch_stats"],
-                          tx=_adam(config, learning_rate_fn(config, t.lr_d, total_steps)))
+                          batch_stats=d_vars["batch_stats"], tx=d_tx)
     ema = ({"params": g.params, "batch_stats": g.batch_stats}
-           if t.ema_decay > 0 else None)
+           if config.train.ema_decay > 0 else None)
     return GANState(g=g, d=d, ema=ema, rng=state_key, step=jnp.zeros((), jnp.int32))
 
 
@@ -202,8 +209,9 @@ def make_train_step(config: Any, mesh: Mesh) -> Callable[[GANState, jax.Array],
 
 
 def all_finite(state: GANState) -> jax.Array:
-    """Whether every parameter of both networks is finite (checked before each save)."""
-    leaves = jax.tree.leaves((state.g.params, state.d.params))
+    """Whether all weights and statistics of both networks and the EMA are finite."""
+    leaves = jax.tree.leaves((state.g.params, state.d.params, state.g.batch_stats,
+                              state.d.batch_stats, state.ema))
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 

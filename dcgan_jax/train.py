@@ -55,7 +55,7 @@ def _write_config(config: Any, workdir: str) -> None:
 
 def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     """Trains until config's last step, resuming from the workdir's latest checkpoint."""
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    config_lib.validate(config, jax.device_count(), jax.process_count())  # for API callers
     reporting.hide_gpus_from_tensorflow()
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
@@ -63,7 +63,6 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     num_epochs = -(-total_steps // steps_per_epoch)
-    _write_config(config, workdir)
     say(reporting.config_table(config), reporting.devices_line(),
         f"Data: {config.dataset}, {len(source):,} records, {steps_per_epoch:,} steps per "
         f"epoch, {total_steps:,} steps in all")
@@ -75,13 +74,16 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count())
     start = manager.latest_step() or 0
     if start:
+        checkpoints.check_same_model(config, workdir)
         state = checkpoints.restore(manager, step_lib.abstract_train_state(
             config, mesh, total_steps), start, iterator)
         say(f"Resumed from step {start} in {manager.directory}")
     elif config.init_from:
         state = checkpoints.load_weights(config.init_from, state, mesh)
         say(f"Starting from the weights of {config.init_from}")
-    reporting.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    _write_config(config, workdir)  # Only now: a refused resume leaves the old one in place.
+    if jax.process_index() == 0:
+        reporting.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
     samples_dir = os.path.join(workdir, "samples")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(samples_dir, "real.png")):
@@ -95,11 +97,9 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     all_finite = jax.jit(step_lib.all_finite)
     noise = jax.device_put(benchmark_noise(config), parallel.replicated(mesh))
 
-    learning_rates = {
-        "lr_d": step_lib.learning_rate_fn(config, config.train.lr_d, total_steps),
-        "lr_g": step_lib.learning_rate_fn(config, config.train.lr_g, total_steps)}
     reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
-                                  config.train.batch_size, learning_rates)
+                                  config.train.batch_size * config.train.d_steps,
+                                  step_lib.learning_rate_fns(config, total_steps))
     stop = _stop_requests()
     unreadable = data.UnreadableReport()
 
@@ -122,6 +122,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     step = start
     compile_start = time.perf_counter()
     try:
+        preempted = False
         for step in range(start + 1, total_steps + 1):
             batch = next(iterator)
             unreadable.add(batch)
@@ -155,7 +156,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
             f"{error}; stopped: {kept}. Lower config.train.lr_d and lr_g") from None
     finally:
         manager.wait_until_finished()
-    if stop.is_set():
+    if preempted:
         say(f"Stopped at step {step}; checkpoint saved. Run the same command to resume.")
     else:
         say(f"Done: {step} steps. Samples in {samples_dir}, checkpoints in {manager.directory}")

@@ -189,3 +189,9 @@ def test_figure_images_are_drawn_across_the_dataset():
     means = sorted(float(i.mean()) for i in images)
     assert len(set(round(m, 3) for m in means)) == 16
     np.testing.assert_array_equal(images, data.sample_images(config, source, 16))
+
+
+def test_crop_box_that_does_not_fit_is_a_config_error(image_folder):
+    loader = data.Loader(32, 3, "0,0,100,100", False)
+    with pytest.raises(data.CropError, match=r"config.data.crop='0,0,100,100' .* 50x41 image"):
+        loader(str(image_folder / "a" / "img1.jpg"), np.random.default_rng(0))

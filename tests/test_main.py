@@ -124,8 +124,10 @@ def test_init_from_another_run(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     run(main_args(source, **{"train.num_steps": 3}))
     # Learning rates too small to move float32 weights: step 1 keeps the loaded weights.
+    # The target averages G's weights, the source did not: its EMA starts from G's weights.
     result = run(main_args(target, **{"init_from": str(source), "train.num_steps": 1,
-                                      "train.lr_d": 1e-30, "train.lr_g": 1e-30}))
+                                      "train.lr_d": 1e-30, "train.lr_g": 1e-30,
+                                      "train.ema_decay": 0.5}))
     assert f"Starting from the weights of {source}" in result.stdout
     a, b = restore_state(source), restore_state(target)
     assert int(b.step) == 1
@@ -163,3 +165,21 @@ def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
     assert warning and warning.group(1) == str(folder / "broken.jpg"), result.stderr[-2000:]
     resumed = run(main_args(tmp_path / "run", **{**overrides, "train.num_steps": 7}))
     assert "Resumed from step 5" in resumed.stdout and "Done: 7 steps" in resumed.stdout
+
+
+def test_resume_refuses_other_networks_and_keeps_the_saved_config(tmp_path):
+    run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
+    saved = (tmp_path / "config.json").read_text()
+    result = run(main_args(tmp_path, **{"train.num_steps": 4, "model.ngf": 16}), check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "config.model.ngf=16 differs from 8 in" in last and "--config.init_from=" in last
+    assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_truncate_metrics_drops_later_and_broken_lines(tmp_path):
+    from dcgan_jax import reporting
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "loss')
+    reporting.truncate_metrics(str(path), 4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\n'

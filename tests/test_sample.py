@@ -144,5 +144,8 @@ def test_errors(workdir, tmp_path):
     assert unreadable.returncode != 0 and "cannot be read" in last, unreadable.stderr[-2000:]
     assert "Traceback" not in unreadable.stderr
 
+    bad_points = sample(workdir, "interpolate", "--points=1", check=False)
+    assert bad_points.stderr.strip().splitlines()[-1].endswith("--points=1 must be at least 2")
+
     bad_mode = sample(workdir, "paint", check=False)
     assert "give one mode of grid, files" in bad_mode.stderr.strip().splitlines()[-1]

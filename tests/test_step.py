@@ -149,8 +149,22 @@ def test_uint8_batches_are_scaled_on_device(config):
 
 
 def test_lr_decay_reaches_zero():
-    config = tiny_config(train__lr_decay=True)
-    schedule = step_lib.learning_rate_fn(config, 2e-4, 100)
-    assert float(schedule(0)) == pytest.approx(2e-4)
-    assert float(schedule(50)) == pytest.approx(1e-4)
-    assert float(schedule(100)) == 0.0
+    config = tiny_config(train__lr_decay=True, train__lr_d=4e-4)
+    rates = step_lib.learning_rate_fns(config, 100)
+    assert float(rates["lr_g"](0)) == pytest.approx(2e-4)
+    assert float(rates["lr_g"](50)) == pytest.approx(1e-4)
+    assert float(rates["lr_d"](50)) == pytest.approx(2e-4)
+    assert float(rates["lr_g"](100)) == 0.0
+
+
+def test_d_decay_spans_the_run_whatever_d_steps():
+    # D's optimizer counts d_steps updates per train step; its rate still follows the step.
+    config = tiny_config(train__lr_decay=True, train__d_steps=3)
+    _, d_tx = step_lib._optimizers(config, total_steps=10)
+    params = {"w": jnp.zeros(())}
+    state = d_tx.init(params)
+    updates = []
+    for _ in range(15):  # 5 train steps of 3 D updates each
+        update, state = d_tx.update({"w": jnp.ones(())}, state, params)
+        updates.append(abs(float(update["w"])))
+    assert updates[14] == pytest.approx(2e-4 * 0.6, rel=1e-3)  # step 4 of 10: rate 60%
