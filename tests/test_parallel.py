@@ -8,7 +8,7 @@ import sys
 import portpicker
 import pytest
 
-from helpers import REPO, run, subprocess_env
+from helpers import REPO, main_args, run, subprocess_env
 
 WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
 
@@ -48,3 +48,26 @@ def test_two_hosts_agree_with_one():
     multi = result_of(outputs[0][0])
     assert multi["devices"] == 4
     assert_close(single, multi)
+
+
+def run_two_hosts(args: list[str]) -> list[tuple[str, str]]:
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(
+        [sys.executable, *args, "--num_processes=2", f"--process_id={i}",
+         f"--coordinator_address=127.0.0.1:{port}"],
+        cwd=REPO, env=subprocess_env(devices=2), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+def test_training_run_on_two_hosts_saves_and_resumes(tmp_path):
+    (out, _), _ = run_two_hosts(main_args(tmp_path))
+    assert "over 2 process(es)" in out and "Done: 6 steps" in out
+    data_states = sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data"))
+    assert data_states == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    (out, _), (second, _) = run_two_hosts(main_args(tmp_path, **{"train.num_steps": 8}))
+    assert "Resumed from step 6" in out and "Done: 8 steps" in out
+    assert "Config:" not in second and "Done:" not in second, "only process 0 reports"
