@@ -70,16 +70,19 @@ def read_run_config(workdir: str) -> Any:
         return config_lib.from_json(f.read())
 
 
-def check_same_model(config: Any, workdir: str) -> None:
-    """Refuses to resume a run with networks other than those its checkpoints hold."""
-    saved = config_lib.flatten(read_run_config(workdir).model, "model.")
-    for name, value in config_lib.flatten(config.model, "model.").items():
+def check_resumable(config: Any, workdir: str) -> None:
+    """Refuses to resume with other networks, or another worker count than the saved
+    data position was taken with."""
+    saved = config_lib.flatten(read_run_config(workdir))
+    for name, value in config_lib.flatten(config).items():
+        if not (name.startswith("model.") or name == "data.num_workers"):
+            continue
         if (saved_value := saved.get(name)) != value:
             raise CheckpointError(
                 f"config.{name}={value!r} differs from {saved_value!r} in "
                 f"{os.path.join(workdir, 'config.json')}, whose checkpoints this run would "
-                f"resume; use the same model fields, or a new workdir with "
-                f"--config.init_from={workdir}")
+                f"resume; keep the saved value, or start a new workdir (with "
+                f"--config.init_from={workdir} to keep the weights)")
 
 
 def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.GANState:

@@ -74,7 +74,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count())
     start = manager.latest_step() or 0
     if start:
-        checkpoints.check_same_model(config, workdir)
+        checkpoints.check_resumable(config, workdir)
         state = checkpoints.restore(manager, step_lib.abstract_train_state(
             config, mesh, total_steps), start, iterator)
         say(f"Resumed from step {start} in {manager.directory}")

@@ -167,7 +167,7 @@ def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
     assert "Resumed from step 5" in resumed.stdout and "Done: 7 steps" in resumed.stdout
 
 
-def test_resume_refuses_other_networks_and_keeps_the_saved_config(tmp_path):
+def test_resume_refuses_other_networks_or_workers_and_keeps_the_saved_config(tmp_path):
     run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
     saved = (tmp_path / "config.json").read_text()
     result = run(main_args(tmp_path, **{"train.num_steps": 4, "model.ngf": 16}), check=False)
@@ -175,6 +175,9 @@ def test_resume_refuses_other_networks_and_keeps_the_saved_config(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "config.model.ngf=16 differs from 8 in" in last and "--config.init_from=" in last
     assert (tmp_path / "config.json").read_text() == saved
+    workers = run(main_args(tmp_path, **{"train.num_steps": 4, "data.num_workers": 2}),
+                  check=False)
+    assert "config.data.num_workers=2 differs from 0 in" in workers.stderr.splitlines()[-1]
 
 
 def test_truncate_metrics_drops_later_and_broken_lines(tmp_path):
