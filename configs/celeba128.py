@@ -11,4 +11,7 @@ def get_config():
     config.model.resolution = 128
     config.train.batch_size = 128
     config.train.num_epochs = 25
+    # FID of 10,000 samples against 50,000 training faces every 2,000 steps (about 20 times
+    # in a run); the weights are fetched once (or pass --config.eval.fid_weights=PATH).
+    config.eval.every = 2000
     return config

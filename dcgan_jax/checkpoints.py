@@ -6,6 +6,7 @@ only once complete, so a crash mid-save never damages the checkpoints already th
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -26,19 +27,41 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only,
-                                           enable_async_checkpointing=not read_only)
+def _fid(metrics: dict[str, float]) -> float:
+    """A checkpoint's FID; one saved without an evaluation ranks last."""
+    return metrics.get("fid", math.inf)
+
+
+def make_manager(workdir: str, keep: int = 3, read_only: bool = False,
+                 keep_best_fid: bool = False) -> ocp.CheckpointManager:
+    """Keeps the latest `keep` checkpoints and, with `keep_best_fid`, the one of the lowest
+    FID too: a GAN's best weights can come long before its last ones."""
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if keep_best_fid else keep,
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(keep),
+            policies.BestN(get_metric_fn=_fid, reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False)]) if keep_best_fid else None,
+        best_fn=_fid if keep_best_fid else None, best_mode="min",
+        create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: step_lib.GANState,
-         data_iterator: Any = None) -> None:
+         data_iterator: Any = None, metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously; `metrics` (an evaluation's FID) rank it among the best."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+
+
+def best_fid(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
+    """(step, FID) of the best evaluated checkpoint kept, if any."""
+    step = manager.best_step()
+    fid = _fid(manager.metrics(step) or {}) if step is not None else math.inf
+    return (step, fid) if math.isfinite(fid) else None
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,

@@ -12,8 +12,10 @@ from typing import Any
 
 import ml_collections
 
+from dcgan_jax.evaluation.inception import BLOCK_BY_DIMS
 from dcgan_jax.models import MAX_RESOLUTION, MIN_RESOLUTION, MSG_COMBINES
 
+FID_DIMS = tuple(BLOCK_BY_DIMS)
 DTYPES = ("float32", "bfloat16")
 DATASET_PATTERN = re.compile(
     r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+|kaggle:[\w.-]+/[\w.-]+)$")
@@ -50,7 +52,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Grain decoding processes; 0 decodes in the training process.
     config.data.num_workers = 2
     config.data.prefetch = 4
-    # Where Kaggle downloads are kept; empty means ~/.cache/dcgan_jax.
+    # Where Kaggle downloads, the FID weights and reference statistics are kept; empty means
+    # ~/.cache/dcgan_jax.
     config.data.cache_dir = ""
     # Where tfds datasets are prepared; empty means tfds's default (~/tensorflow_datasets).
     config.data.tfds_data_dir = ""
@@ -74,6 +77,23 @@ def get_default_config() -> ml_collections.ConfigDict:
     # min(ema_decay, (1 + step) / (10 + step)); 0 disables it. The averaged G keeps BatchNorm
     # statistics of its own, at the cost of one more G forward pass per step.
     config.train.ema_decay = 0.0
+
+    config.eval = ml_collections.ConfigDict()
+    # Steps between FID/KID evaluations during training (and at the last step); 0: none.
+    # The checkpoint of the best FID is kept beside the latest ones.
+    config.eval.every = 0
+    # Generated images per evaluation; 10,000 or more to compare with published numbers.
+    config.eval.num_samples = 10_000
+    # Dataset images of the reference statistics (cached); 0 means all of them.
+    config.eval.num_reference = 50_000
+    config.eval.batch_size = 200
+    # Inception features: 2048 (pool3, the standard FID), or 768, 192 or 64.
+    config.eval.dims = 2048
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz conversion); empty:
+    # fetched from GitHub into data.cache_dir on first use.
+    config.eval.fid_weights = ""
+    config.eval.kid_subsets = 100
+    config.eval.kid_subset_size = 1000
 
     config.log_every = 50
     config.sample_every = 500
@@ -170,8 +190,22 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
              f"config.train.label_smoothing={train.label_smoothing} must be in [0, 1)")
     _require(0 <= train.ema_decay < 1,
              f"config.train.ema_decay={train.ema_decay} must be in [0, 1); 0 disables EMA")
+    _validate_eval(config.eval)
     for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints", "sample_grid"):
         _require(config[name] >= 1, f"config.{name}={config[name]} must be at least 1")
+
+
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    """eval.batch_size needs no device multiple: it is rounded up to one."""
+    _require(e.every >= 0, f"config.eval.every={e.every} must be 0 (no evaluation) or more")
+    _require(e.num_samples >= 2, f"config.eval.num_samples={e.num_samples} must be at least 2")
+    _require(e.num_reference == 0 or e.num_reference >= 2,
+             f"config.eval.num_reference={e.num_reference} must be 0 (all) or at least 2")
+    _require(e.batch_size >= 1, f"config.eval.batch_size={e.batch_size} must be at least 1")
+    _require(e.dims in FID_DIMS, f"config.eval.dims={e.dims} must be one of {FID_DIMS}")
+    _require(e.kid_subsets >= 1, f"config.eval.kid_subsets={e.kid_subsets} must be at least 1")
+    _require(e.kid_subset_size >= 2,
+             f"config.eval.kid_subset_size={e.kid_subset_size} must be at least 2")
 
 
 def _validate_crop(crop: str) -> None:

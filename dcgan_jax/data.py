@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import signal
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -26,6 +26,11 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = "~/.cache/dcgan_jax"
+
+
+def cache_root(cache_dir: str) -> str:
+    """config.data.cache_dir, or the default: where downloads and statistics are kept."""
+    return os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
 
 
 class DataError(ValueError):
@@ -124,8 +129,7 @@ def open_source(dataset: str, cache_dir: str = "", tfds_data_dir: str = "") -> S
     if kind == "folder":
         return list_image_files(os.path.expanduser(rest))
     if kind == "kaggle":
-        cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
-        return list_image_files(kaggle_folder(rest, cache_dir))
+        return list_image_files(kaggle_folder(rest, cache_root(cache_dir)))
     raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds:, folder: or "
                     f"kaggle:")
 
@@ -328,3 +332,27 @@ def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
         if len(images) == count:
             break
     return np.stack(images)
+
+
+# The order evaluation reads a dataset in: fixed, so cached statistics serve every run.
+EVALUATION_SHUFFLE_SEED = 0
+
+
+def evaluation_batches(config: Any, source: Sequence[Any], count: int,
+                       batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 batches of the first `count` records of a fixed shuffle of the whole dataset,
+    preprocessed as for training but never flipped; unreadable files are left out.
+
+    Every process reads all of them (reference statistics are computed once per dataset).
+    """
+    loader = dataclasses.replace(loader_from_config(config), random_flip=False)
+    ds = (grain.MapDataset.source(source).shuffle(seed=EVALUATION_SHUFFLE_SEED)[:count]
+          .random_map(loader, seed=EVALUATION_SHUFFLE_SEED)
+          .to_iter_dataset())
+    ds = SkipUnreadable(ds).batch(batch_size, drop_remainder=False)
+    if config.data.num_workers > 0:
+        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch),
+            worker_init_fn=_ignore_interrupts)
+    for batch in ds:
+        yield batch["image"]

@@ -67,11 +67,12 @@ def main(argv: list[str]) -> None:
         fail(str(error))
     # The input and logging stack loads only now: TensorFlow takes seconds to import.
     from dcgan_jax import checkpoints, data, reporting, train
+    from dcgan_jax.evaluation import metrics, weights
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-            reporting.NonFiniteLossError) as error:
+            reporting.NonFiniteLossError, weights.WeightsError, metrics.MetricError) as error:
         fail(str(error))
 
 

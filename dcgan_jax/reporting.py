@@ -97,6 +97,11 @@ class Reporter:
         """Marks where speed is measured from (after compilation)."""
         self._last_time, self._last_step = time.perf_counter(), step
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves time spent outside training steps (evaluations) out of the speed."""
+        if self._last_time is not None:
+            self._last_time += seconds
+
     def push(self, step: int, metrics: dict[str, jax.Array] | None) -> None:
         """Queues step's device metrics and writes the queued ones of an earlier step.
 
@@ -140,6 +145,22 @@ class Reporter:
             f"loss_G {values['loss_g']:.3f} D(x) {values['d_real']:.3f} "
             f"D(G(z)) {values['d_fake_before']:.3f}/{values['d_fake_after']:.3f} | "
             f"{steps_per_sec:.2f} step/s {values['images_per_sec']:.0f} img/s | ETA {eta}")
+
+    def write_evaluation(self, step: int, values: dict[str, float], seconds: float,
+                         description: str, best: tuple[int, float] | None) -> None:
+        """An evaluation's FID and KID: TensorBoard, metrics.jsonl and one line."""
+        self.exclude(seconds)
+        if not self.is_writer:
+            return
+        self.writer.write_scalars(step, {**values, "eval_seconds": seconds})
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **values,
+                                "eval_seconds": seconds}) + "\n")
+        kid = (f" KID {values['kid']:.5f} ± {values['kid_std']:.5f}" if "kid" in values
+               else "")
+        best_text = f"; best FID {best[1]:.3f} at step {best[0]}" if best else ""
+        say(f"[{datetime.datetime.now():%H:%M:%S}] step {step} | FID {values['fid']:.3f}{kid} "
+            f"({description}, {seconds:.1f} s){best_text}")
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.is_writer:

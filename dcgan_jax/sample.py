@@ -9,6 +9,7 @@ Modes:
   gif           the run's samples/step_*.png as an animated GIF of training
   real_vs_fake  real training images beside samples (reads the dataset)
   plot          losses and D outputs over steps from metrics.jsonl
+  fid           FID (and KID) over steps from the evaluations in metrics.jsonl
   summary       parameter tables of G and D
 The averaged (EMA) generator is used when the run has one, unless --no_ema is given.
 """
@@ -33,7 +34,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from dcgan_jax import checkpoints, images, parallel, step as step_lib  # noqa: E402
 
-MODES = ("grid", "files", "interpolate", "gif", "real_vs_fake", "plot", "summary")
+MODES = ("grid", "files", "interpolate", "gif", "real_vs_fake", "plot", "fid", "summary")
 
 flags.DEFINE_string("workdir", None, "The run's workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore; the latest by default.")
@@ -49,12 +50,7 @@ flags.DEFINE_integer("frames", 8, "Frames from one interpolation point to the ne
 flags.DEFINE_float("fps", 8.0, "Frames per second of GIFs.")
 flags.DEFINE_bool("no_ema", False, "Use G's raw weights even when the run averages them.")
 FLAGS = flags.FLAGS
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def latent_sequence(seed: int, indices: jax.Array, nz: int) -> jax.Array:
-    key = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (nz,)))(indices)
+_latent_sequence = jax.jit(step_lib.latent_sequence, static_argnums=2)
 
 
 class Sampler:
@@ -76,8 +72,8 @@ class Sampler:
     def latents(self, seed: int, count: int, offset: int = 0) -> np.ndarray:
         """Latents `offset` to `offset + count` of the sequence that `seed` defines: image i
         of a seed is the same whatever the batch it is generated in."""
-        return np.asarray(latent_sequence(seed, jnp.arange(offset, offset + count),
-                                          self.config.model.nz))
+        return np.asarray(_latent_sequence(seed, jnp.arange(offset, offset + count),
+                                           self.config.model.nz))
 
     def generate(self, z: np.ndarray, sharded: bool = False) -> np.ndarray:
         """uint8 images of the latents; `sharded` splits the batch over all devices."""
@@ -175,15 +171,24 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> Non
     plt.close(figure)
 
 
+def read_metrics(workdir: str, key: str) -> list[dict]:
+    """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise checkpoints.CheckpointError(f"{path} does not exist; train first")
+    with open(path) as f:
+        rows = [row for line in f if line.strip() and key in (row := json.loads(line))]
+    if not rows:
+        hint = " (set config.eval.every to evaluate during training)" if key == "fid" else ""
+        raise checkpoints.CheckpointError(f"{path} holds no {key} values{hint}")
+    return rows
+
+
 def write_plot(workdir: str, path: str) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(metrics_path):
-        raise checkpoints.CheckpointError(f"{metrics_path} does not exist; train first")
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(workdir, "loss_d")
     steps = [r["step"] for r in rows]
     figure, (losses, outputs) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     losses.plot(steps, [r["loss_d"] for r in rows], label="loss D")
@@ -201,6 +206,37 @@ def write_plot(workdir: str, path: str) -> int:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return len(rows)
+
+
+def write_fid_plot(workdir: str, path: str) -> tuple[int, dict]:
+    """FID over steps, and KID beside it when computed; returns the count and best row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(workdir, "fid")
+    steps = [r["step"] for r in rows]
+    best = min(rows, key=lambda r: r["fid"])
+    has_kid = all("kid" in r for r in rows)
+    figure, axes = plt.subplots(1, 2 if has_kid else 1, figsize=(12 if has_kid else 7, 4.5),
+                                squeeze=False)
+    fid_ax = axes[0, 0]
+    fid_ax.plot(steps, [r["fid"] for r in rows], marker="o")
+    fid_ax.scatter([best["step"]], [best["fid"]], s=120, facecolors="none", edgecolors="red",
+                   label=f"best: {best['fid']:.2f} at step {best['step']}")
+    fid_ax.set_ylabel("FID (lower is better)")
+    fid_ax.legend()
+    if has_kid:
+        kid_ax = axes[0, 1]
+        kid_ax.errorbar(steps, [r["kid"] for r in rows], yerr=[r["kid_std"] for r in rows],
+                        marker="o", capsize=3)
+        kid_ax.set_ylabel("KID (mean ± std over subsets)")
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return len(rows), best
 
 
 def main(argv: list[str]) -> None:
@@ -226,6 +262,12 @@ def main(argv: list[str]) -> None:
         if mode == "plot":
             path = output_path(workdir, "losses.png")
             print(f"{path}: {write_plot(workdir, path)} logged steps")
+            return
+        if mode == "fid":
+            path = output_path(workdir, "fid.png")
+            count, best = write_fid_plot(workdir, path)
+            print(f"{path}: {count} evaluations; best FID {best['fid']:.3f} at step "
+                  f"{best['step']}")
             return
         sampler = Sampler(workdir, FLAGS.step, ema)
     except checkpoints.CheckpointError as error:

@@ -120,6 +120,13 @@ def latent_batch(rng: jax.Array, step: jax.Array, index: int, batch: int,
     return jax.random.normal(key, (batch, nz), jnp.float32)
 
 
+def latent_sequence(seed: int | jax.Array, indices: jax.Array, nz: int) -> jax.Array:
+    """Latents of `indices` in the sequence `seed` names: latent i is the same whatever
+    batch it is drawn in, so sampling and evaluation can agree image for image."""
+    key = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (nz,)))(indices)
+
+
 def train_step(state: GANState, real: jax.Array, config: Any,
                latent_sharding: Any = None) -> tuple[GANState, Metrics]:
     """`d_steps` D updates on real[i] and fresh fakes, then one G update.

@@ -70,7 +70,8 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     state = step_lib.create_train_state(config, mesh, total_steps)
     say(reporting.parameter_table("Generator", state.g.params),
         reporting.parameter_table("Discriminator", state.d.params))
-    manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+    manager = checkpoints.make_manager(workdir, config.keep_checkpoints,
+                                       keep_best_fid=config.eval.every > 0)
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count())
     start = manager.latest_step() or 0
     if start:
@@ -100,6 +101,11 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
     reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
                                   config.train.batch_size * config.train.d_steps,
                                   step_lib.learning_rate_fns(config, total_steps))
+    evaluator = None
+    if config.eval.every:
+        from dcgan_jax.evaluation.evaluator import Evaluator
+        evaluator = Evaluator(config, mesh, source)
+        say(evaluator.reference_line)
     stop = _stop_requests()
     unreadable = data.UnreadableReport()
 
@@ -113,11 +119,25 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                 images.save_png(os.path.join(samples_dir, f"step_{step:07d}{suffix}.png"), grid)
             reporter.write_image(step, f"samples{suffix}", grid)
 
-    def save_checkpoint(step: int) -> None:
+    def require_finite(step: int) -> None:
         if not bool(parallel.fetch(all_finite(state))):
             raise reporting.NonFiniteLossError(
                 f"parameters became non-finite by step {step}; not saved")
-        checkpoints.save(manager, step, state, iterator)
+
+    def evaluate(step: int) -> dict[str, float]:
+        require_finite(step)
+        start_time = time.perf_counter()
+        scores = evaluator(state)
+        best = checkpoints.best_fid(manager)
+        if best is None or scores["fid"] < best[1]:
+            best = (step, scores["fid"])
+        reporter.write_evaluation(step, scores, time.perf_counter() - start_time,
+                                  evaluator.describe(state), best)
+        return scores
+
+    def save_checkpoint(step: int, scores: dict[str, float] | None) -> None:
+        require_finite(step)
+        checkpoints.save(manager, step, state, iterator, scores)
 
     step = start
     compile_start = time.perf_counter()
@@ -140,10 +160,14 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                     logging.warning("process %d: %s", jax.process_index(), warning)
             if step % config.sample_every == 0 or step == total_steps:
                 write_samples(step)
+            scores = None
+            if evaluator and (step % config.eval.every == 0 or step == total_steps):
+                scores = evaluate(step)
             preempted = (manager.reached_preemption(step) if jax.process_count() > 1
                          else stop.is_set())
-            if step % config.ckpt_every == 0 or step == total_steps or preempted:
-                save_checkpoint(step)
+            if (step % config.ckpt_every == 0 or step == total_steps or preempted
+                    or scores is not None):
+                save_checkpoint(step, scores)
             if preempted:
                 break
         reporter.flush()
@@ -160,4 +184,8 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
         say(f"Stopped at step {step}; checkpoint saved. Run the same command to resume.")
     else:
         say(f"Done: {step} steps. Samples in {samples_dir}, checkpoints in {manager.directory}")
+    best = checkpoints.best_fid(manager) if evaluator else None
+    if best:
+        say(f"Best FID {best[1]:.3f} at step {best[0]}, kept in "
+            f"{os.path.join(manager.directory, str(best[0]))}")
     return state

@@ -23,10 +23,12 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], *, devices: int = 1, timeout: float = 300,
-        check: bool = True) -> subprocess.CompletedProcess:
-    """Runs a Python command line in the repository root and captures its output."""
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(devices),
+def run(args: list[str], *, devices: int = 1, timeout: float = 300, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a Python command line in the repository root and captures its output; `env`
+    adds to the test environment."""
+    result = subprocess.run([sys.executable, *args], cwd=REPO,
+                            env={**subprocess_env(devices), **(env or {})},
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -37,3 +39,30 @@ def main_args(workdir, config_file: str = "tests/tiny_config.py", **overrides) -
     args = ["-m", "dcgan_jax.main", f"--config={config_file}", f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return args
+
+
+def random_fid_weights(path: str, seed: int = 0) -> str:
+    """A .npz in the layout of pytorch-fid's state dict, with random weights and unit
+    BatchNorm statistics: enough to exercise every FID code path without the real file."""
+    import jax
+    import numpy as np
+
+    from dcgan_jax.evaluation import inception, weights
+    rng = np.random.default_rng(seed)
+    state_dict = {}
+    for tree_path, leaf in jax.tree_util.tree_flatten_with_path(
+            inception.abstract_variables())[0]:
+        names = [p.key for p in tree_path]
+        shape = leaf.shape
+        if len(shape) == 4:  # Flax HWIO -> torch OIHW
+            fan_in = shape[0] * shape[1] * shape[2]
+            value = rng.normal(0, (2 / fan_in) ** 0.5, shape).transpose(3, 2, 0, 1)
+        elif names[-1] == "var":
+            value = np.ones(shape)
+        elif names[-1] == "scale":
+            value = np.ones(shape)
+        else:
+            value = rng.normal(0, 0.1, shape)
+        state_dict[inception.torch_key(names[1:])] = value.astype(np.float32)
+    weights.save_npz(state_dict, path)
+    return path

@@ -11,6 +11,10 @@ from helpers import main_args, run
 from tiny_config import tiny_config
 
 BAD_VALUES = [
+    ({"eval__dims": 100}, "config.eval.dims=100 must be one of (64, 192, 768, 2048)"),
+    ({"eval__num_samples": 1}, "config.eval.num_samples=1 must be at least 2"),
+    ({"eval__every": -1}, "config.eval.every=-1 must be 0 (no evaluation) or more"),
+    ({"eval__num_reference": 1}, "config.eval.num_reference=1 must be 0 (all) or at least 2"),
     ({"model__resolution": 48}, "config.model.resolution=48 must be a power of two"),
     ({"model__resolution": 16}, "config.model.resolution=16 must be a power of two"),
     ({"model__resolution": 512}, "config.model.resolution=512 must be a power of two"),

@@ -168,3 +168,30 @@ def test_d_decay_spans_the_run_whatever_d_steps():
         update, state = d_tx.update({"w": jnp.ones(())}, state, params)
         updates.append(abs(float(update["w"])))
     assert updates[14] == pytest.approx(2e-4 * 0.6, rel=1e-3)  # step 4 of 10: rate 60%
+
+
+def test_bfloat16_keeps_float32_state_and_stays_close():
+    """config.dtype='bfloat16' computes in bf16 but keeps parameters, optimizer state and
+    BatchNorm statistics in float32; over a few steps it tracks the float32 run."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(dtype=dtype)
+        mesh, state, _ = setup(config)
+        train_step = step_lib.make_train_step(config, mesh)
+        losses = []
+        for i in range(4):
+            real = jax.random.uniform(jax.random.PRNGKey(100 + i), (1, 16, 32, 32, 1),
+                                      minval=-1.0, maxval=1.0)
+            state, metrics = train_step(state, real)
+            losses.append([float(metrics[k]) for k in ("loss_d", "loss_g")])
+        runs[dtype] = (copy(state), np.array(losses))
+    state16, losses16 = runs["bfloat16"]
+    state32, losses32 = runs["float32"]
+    for leaf in jax.tree.leaves((state16.g, state16.d)):
+        assert leaf.dtype in (np.float32, np.int32), leaf.dtype
+    np.testing.assert_allclose(losses16, losses32, atol=0.05)
+    for new16, new32 in zip(jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params)):
+        assert np.abs(new16 - new32).max() <= 0.02 * np.abs(new32).max() + 1e-3
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params))), \
+        "bfloat16 must actually change the arithmetic"

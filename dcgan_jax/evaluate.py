@@ -1,0 +1,156 @@
+"""FID and KID on demand, with pytorch-fid's InceptionV3 on the accelerator.
+
+  python -m dcgan_jax.evaluate --workdir=RUN [--step=N] [--num_samples=10000] [--no_ema]
+      a checkpoint's generator against its dataset (reference statistics cached);
+  python -m dcgan_jax.evaluate --real=DIR|STATS.npz --fake=DIR|STATS.npz
+      two folders of images (or statistics files: pytorch-fid's --save-stats or ours);
+  python -m dcgan_jax.evaluate --real=DIR --save_stats=OUT.npz
+      writes a folder's statistics, which pytorch-fid reads too.
+
+--fid_weights=PATH reads pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz
+conversion); without it the weights are fetched from GitHub once into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from dcgan_jax import checkpoints, parallel, step as step_lib  # noqa: E402
+from dcgan_jax.evaluation import features, inception, metrics, weights  # noqa: E402
+
+flags.DEFINE_string("workdir", None, "A run's workdir: evaluate its generator.")
+flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
+flags.DEFINE_bool("no_ema", False, "Use G's raw weights even when the run averages them.")
+flags.DEFINE_integer("num_samples", None, "Generated images; the run's config.eval value "
+                     "by default.")
+flags.DEFINE_integer("num_reference", None, "Dataset images of the reference statistics "
+                     "(0: all); the run's config.eval value by default.")
+flags.DEFINE_string("real", None, "Folder of real images, or a statistics .npz.")
+flags.DEFINE_string("fake", None, "Folder of generated images, or a statistics .npz.")
+flags.DEFINE_string("save_stats", None, "With --real only: write its statistics here.")
+flags.DEFINE_string("fid_weights", None, "pytorch-fid's weights file (.pth or .npz).")
+flags.DEFINE_integer("dims", None, "Feature dimensions: 64, 192, 768 or 2048 (default).")
+flags.DEFINE_integer("batch_size", None, "Images per Inception call (default 200).")
+flags.DEFINE_string("cache_dir", "", "Cache of the fetched weights for --real/--fake; "
+                    "~/.cache/dcgan_jax by default (a run uses its config.data.cache_dir).")
+FLAGS = flags.FLAGS
+
+
+def _override(value, default):
+    return default if value is None else value
+
+
+def _folder_statistics(path: str, extractor: features.FeatureExtractor) -> metrics.Statistics:
+    if path.endswith(".npz"):
+        if not os.path.isfile(path):
+            raise metrics.MetricError(f"statistics file {path} does not exist")
+        return metrics.Statistics.load(path)
+    found = extractor.of_batches(features.folder_images(path, extractor.batch_size))
+    return metrics.Statistics.of(found, keep_features=len(found))
+
+
+def evaluate_folders(real: str, fake: str | None, save_stats: str | None) -> None:
+    from dcgan_jax import data
+    dims = _override(FLAGS.dims, 2048)
+    needs_network = not (real.endswith(".npz") and fake and fake.endswith(".npz"))
+    extractor = None
+    if needs_network:
+        path = weights.locate(FLAGS.fid_weights or "",
+                              os.path.join(data.cache_root(FLAGS.cache_dir), "weights"))
+        extractor = features.FeatureExtractor(path, dims, parallel.make_mesh(),
+                                              _override(FLAGS.batch_size, 200))
+    real_stats = _folder_statistics(real, extractor)
+    if save_stats:
+        real_stats.save(save_stats)
+        print(f"{save_stats}: statistics of {real_stats.count:,} images ({dims}-d)")
+        return
+    fake_stats = _folder_statistics(fake, extractor)
+    _print_scores(metrics.fid(real_stats, fake_stats), real_stats.features,
+                  fake_stats.features)
+
+
+def _print_scores(fid: float, real_features, fake_features, subsets: int = metrics.KID_SUBSETS,
+                  subset_size: int = metrics.KID_SUBSET_SIZE) -> None:
+    print(f"FID: {fid:.6f}")
+    if real_features is not None and fake_features is not None:
+        mean, std = metrics.kid(fake_features, real_features, subsets, subset_size)
+        size = min(subset_size, len(real_features), len(fake_features))
+        print(f"KID: {mean:.6f} ± {std:.6f} ({subsets} subsets of {size})")
+
+
+def evaluate_run(workdir: str) -> None:
+    from dcgan_jax import data
+    from dcgan_jax.evaluation.evaluator import Evaluator
+    from dcgan_jax.reporting import hide_gpus_from_tensorflow
+    hide_gpus_from_tensorflow()
+    config = checkpoints.read_run_config(workdir)
+    e = config.eval
+    e.num_samples = _override(FLAGS.num_samples, e.num_samples)
+    e.num_reference = _override(FLAGS.num_reference, e.num_reference)
+    e.dims = _override(FLAGS.dims, e.dims)
+    e.batch_size = _override(FLAGS.batch_size, e.batch_size)
+    e.fid_weights = _override(FLAGS.fid_weights, e.fid_weights)
+    mesh = parallel.make_mesh()
+    abstract = step_lib.abstract_train_state(config, mesh, total_steps=1)
+    state = checkpoints.restore(checkpoints.make_manager(workdir, read_only=True), abstract,
+                                FLAGS.step)
+    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
+    evaluator = Evaluator(config, mesh, source)
+    print(evaluator.reference_line)
+    start = time.perf_counter()
+    use_ema = not FLAGS.no_ema
+    scores = evaluator(state, use_ema)
+    print(f"{workdir}, step {int(parallel.fetch(state.step))}: "
+          f"{evaluator.describe(state, use_ema)} in {time.perf_counter() - start:.1f} s")
+    print(f"FID: {scores['fid']:.6f}")
+    if "kid" in scores:
+        print(f"KID: {scores['kid']:.6f} ± {scores['kid_std']:.6f} ({e.kid_subsets} subsets "
+              f"of {min(e.kid_subset_size, e.num_samples, len(evaluator.reference.features))})")
+
+
+def _check_flags() -> str | None:
+    """The first problem with the flags, or None."""
+    if FLAGS.workdir and (FLAGS.real or FLAGS.fake):
+        return "give --workdir, or --real and --fake, not both"
+    if not FLAGS.workdir and not FLAGS.real:
+        return "give --workdir=RUN, or --real=DIR and --fake=DIR (see --help)"
+    if FLAGS.real and not (FLAGS.fake or FLAGS.save_stats):
+        return "--real needs --fake=DIR to compare with, or --save_stats=OUT.npz"
+    if FLAGS.save_stats and FLAGS.fake:
+        return "--save_stats writes the statistics of --real alone; drop --fake"
+    if FLAGS.dims is not None and FLAGS.dims not in inception.BLOCK_BY_DIMS:
+        return f"--dims={FLAGS.dims} must be one of {tuple(inception.BLOCK_BY_DIMS)}"
+    for name in ("num_samples", "batch_size"):
+        if FLAGS[name].value is not None and FLAGS[name].value < (2 if name[0] == "n" else 1):
+            return f"--{name}={FLAGS[name].value} is too small"
+    return None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        sys.exit(f"dcgan_jax.evaluate: error: unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if problem := _check_flags():
+        sys.exit(f"dcgan_jax.evaluate: error: {problem}")
+    from dcgan_jax.data import DataError
+    try:
+        if FLAGS.workdir:
+            evaluate_run(FLAGS.workdir)
+        else:
+            evaluate_folders(FLAGS.real, FLAGS.fake, FLAGS.save_stats)
+    except (weights.WeightsError, metrics.MetricError, checkpoints.CheckpointError,
+            DataError) as error:
+        sys.exit(f"dcgan_jax.evaluate: error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

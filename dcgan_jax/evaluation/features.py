@@ -1,0 +1,163 @@
+"""Inception features on the device mesh: of image batches, of a generator's samples, of a
+folder, and the cached reference statistics of a training dataset.
+
+Batches are sharded over the mesh's data axis and features come back replicated, so every
+process holds all of them; with several hosts, each one passes the same full batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcgan_jax import parallel, step as step_lib
+from dcgan_jax.evaluation import inception, metrics, weights
+
+# Latents of evaluation samples: fixed, so FID moves with the weights only.
+EVAL_SEED = 0
+# Reference features kept for KID: 10,000 x 2048 float32 is 80 MB on disk.
+KID_REFERENCE_FEATURES = 10_000
+# Bump when what the statistics measure changes, so old cached files are not read.
+STATS_VERSION = 1
+
+
+class FeatureExtractor:
+    """pytorch-fid's InceptionV3 with given weights, replicated over `mesh`."""
+
+    def __init__(self, weights_path: str, dims: int, mesh: jax.sharding.Mesh,
+                 batch_size: int = 200):
+        if dims not in inception.BLOCK_BY_DIMS:
+            raise ValueError(f"dims={dims} must be one of {tuple(inception.BLOCK_BY_DIMS)}")
+        state_dict = weights.read_state_dict(weights_path)
+        try:
+            variables = inception.variables_from_state_dict(state_dict, dims, weights_path)
+        except ValueError as error:
+            raise weights.WeightsError(str(error)) from None
+        self.weights_digest = weights.file_digest(weights_path)
+        self.dims, self.mesh = dims, mesh
+        self.batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+        self.variables = jax.device_put(variables, parallel.replicated(mesh))
+        self._net = inception.FIDInceptionV3(dims)
+        self._of_images = jax.jit(
+            lambda v, x: self._net.apply(v, inception.preprocess(x)),
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+            out_shardings=parallel.replicated(mesh))
+        self._sample_fns: dict[tuple[int, bool], tuple[Any, Any]] = {}
+
+    def of_images(self, batch: np.ndarray) -> np.ndarray:
+        """Features of uint8 NHWC images (the same full batch on every process)."""
+        count = len(batch)
+        if count < self.batch_size:  # one shape for every batch: one compilation
+            pad = np.zeros((self.batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])
+        array = jax.make_array_from_callback(batch.shape, parallel.batch_sharded(self.mesh),
+                                             lambda index: batch[index])
+        return parallel.fetch(self._of_images(self.variables, array))[:count]
+
+    def of_batches(self, batches: Iterable[np.ndarray]) -> np.ndarray:
+        """Features of batches of any size up to `batch_size`, in order."""
+        chunks = [self.of_images(chunk) for batch in batches
+                  for chunk in np.array_split(batch, -(-len(batch) // self.batch_size))
+                  if len(chunk)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dims), np.float32)
+
+    def _samples_fn(self, config: Any, use_ema: bool) -> Any:
+        """The jitted generator-to-features function of one run config."""
+        key = (id(config), use_ema)
+        if key not in self._sample_fns:
+            def features(variables: Any, state: step_lib.GANState,
+                         offset: jax.Array) -> jax.Array:
+                indices = offset + jnp.arange(self.batch_size)
+                z = step_lib.latent_sequence(EVAL_SEED, indices, config.model.nz)
+                z = jax.lax.with_sharding_constraint(z, parallel.batch_sharded(self.mesh))
+                fake = step_lib.generate_images(state, z, config, use_ema)
+                # Quantised like the PNG files `sample files` writes: both give one FID.
+                pixels = jnp.clip(jnp.rint((fake.astype(jnp.float32) + 1.0) * 127.5), 0, 255)
+                return self._net.apply(variables, inception.preprocess(pixels.astype(jnp.uint8)))
+
+            self._sample_fns[key] = (config, jax.jit(
+                features, out_shardings=parallel.replicated(self.mesh)))
+        return self._sample_fns[key][1]
+
+    def of_samples(self, state: step_lib.GANState, config: Any, count: int,
+                   use_ema: bool = True) -> np.ndarray:
+        """Features of `count` images from G (EMA weights when kept and `use_ema`); image i
+        is image i of `sample files --seed=0`. Images never leave the device."""
+        fn = self._samples_fn(config, use_ema)
+        chunks = [parallel.fetch(fn(self.variables, state, jnp.int32(offset)))[:count - offset]
+                  for offset in range(0, count, self.batch_size)]
+        return np.concatenate(chunks)
+
+
+def folder_images(folder: str, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 RGB batches of the image files directly in `folder`, sorted by name, as
+    pytorch-fid reads them (no resizing: all must share one size)."""
+    from PIL import Image
+
+    from dcgan_jax.data import IMAGE_EXTENSIONS
+    if not os.path.isdir(folder):
+        raise metrics.MetricError(f"{folder} is not a folder of images")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if len(paths) < 2:
+        raise metrics.MetricError(f"{folder} holds {len(paths)} image file(s); FID needs at "
+                                  f"least 2 ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def read(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as error:
+            raise metrics.MetricError(f"{path} cannot be read as an image: {error}") from None
+
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            arrays = list(pool.map(read, chunk))
+            for path, array in zip(chunk, arrays):
+                if array.shape != arrays[0].shape:
+                    raise metrics.MetricError(
+                        f"{path} is {array.shape[1]}x{array.shape[0]} but {chunk[0]} is "
+                        f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; FID reads images of one "
+                        f"size (resize them first)")
+            yield np.stack(arrays)
+
+
+def reference_cache_path(config: Any, extractor: FeatureExtractor, dataset_size: int,
+                         count: int) -> str:
+    """Where the reference statistics of this dataset, preprocessing and network live."""
+    key = "|".join(str(x) for x in (
+        STATS_VERSION, config.dataset, dataset_size, count, config.model.resolution,
+        config.model.channels, config.data.crop, extractor.dims, extractor.weights_digest))
+    slug = re.sub(r"[^\w.-]+", "_", config.dataset).strip("_")[-60:]
+    name = (f"{slug}-{config.model.resolution}px-{count}-{extractor.dims}d-"
+            f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+    from dcgan_jax import data
+    return os.path.join(data.cache_root(config.data.cache_dir), "fid_stats", name)
+
+
+def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
+                         count: int) -> tuple[metrics.Statistics, str, bool]:
+    """Statistics of `count` dataset images (all when 0) as training sees them (cropped and
+    resized, never flipped): read from the cache, or computed and cached.
+
+    Returns the statistics, the cache path, and whether they were just computed.
+    """
+    from dcgan_jax import data
+    count = min(count or len(source), len(source))
+    path = reference_cache_path(config, extractor, len(source), count)
+    if os.path.isfile(path):
+        return metrics.Statistics.load(path), path, False
+    batches = data.evaluation_batches(config, source, count, extractor.batch_size)
+    features = extractor.of_batches(batches)
+    stats = metrics.Statistics.of(features, keep_features=KID_REFERENCE_FEATURES)
+    if jax.process_index() == 0:
+        stats.save(path)
+    return stats, path, True

@@ -1,0 +1,249 @@
+"""FID and KID: the network, the weights files, the metrics and the command line against
+pytorch-fid and torch-fidelity (test-only dependencies), with shared random weights."""
+
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from dcgan_jax import parallel
+from dcgan_jax.evaluation import features, inception, metrics, weights
+from helpers import random_fid_weights, run
+
+torch = pytest.importorskip("torch")
+pfi = pytest.importorskip("pytorch_fid.inception")
+
+
+def varied_images(count, height, width, seed):
+    """Smooth random images of different brightness and contrast: unlike white noise, their
+    Inception features differ from image to image."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (rng.integers(2, 9), rng.integers(2, 9), 3), np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
+                           np.float32)
+        out.append(np.clip(image * rng.uniform(0.3, 1.2) + rng.uniform(-60, 60), 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def torch_weights(tmp_path_factory):
+    """pytorch-fid's FID InceptionV3 with torchvision's random initialisation and BatchNorm
+    statistics calibrated on a few images (fresh statistics give near-constant features),
+    saved in both of PyTorch's formats."""
+    from torchvision.models.inception import Inception3
+    torch.manual_seed(0)
+    initial = Inception3(num_classes=1008, aux_logits=False, init_weights=True).state_dict()
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *args, **kwargs: initial
+    try:
+        net = pfi.fid_inception_v3()
+    finally:
+        pfi.load_state_dict_from_url = original
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative averages
+    net.train()
+    calibration = varied_images(16, 299, 299, seed=100)
+    with torch.no_grad():
+        for batch in np.split(calibration, 2):
+            net(torch.tensor(batch).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    state_dict = net.eval().state_dict()
+    folder = tmp_path_factory.mktemp("fid_weights")
+    paths = {"zip": str(folder / "zip.pth"), "legacy": str(folder / "legacy.pth")}
+    torch.save(state_dict, paths["zip"])
+    torch.save(state_dict, paths["legacy"], _use_new_zipfile_serialization=False)
+    return state_dict, paths
+
+
+def pytorch_fid_features(state_dict, images, dims):
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+    try:
+        net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+    finally:
+        pfi.load_state_dict_from_url = original
+    with torch.no_grad():
+        out = net(torch.tensor(images).permute(0, 3, 1, 2).float() / 255)[0]
+    return out.mean(dim=(2, 3)).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_weights_reader_matches_torch_load(torch_weights, fmt):
+    state_dict, paths = torch_weights
+    ours = weights.read_state_dict(paths[fmt])
+    assert set(ours) == set(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("dims,sizes", [
+    (2048, [(64, 64), (299, 299), (37, 53)]),
+    (768, [(128, 128)]),
+    (192, [(32, 32)]),
+    (64, [(320, 240)]),
+])
+def test_inception_matches_pytorch_fid(torch_weights, dims, sizes):
+    state_dict, paths = torch_weights
+    extractor = features.FeatureExtractor(paths["zip"], dims, parallel.make_mesh(), 4)
+    for i, (height, width) in enumerate(sizes):
+        images = varied_images(4, height, width, seed=i)
+        expected = pytorch_fid_features(state_dict, images, dims)
+        got = extractor.of_images(images)
+        assert got.shape == (4, dims)
+        spread = np.abs(expected - expected.mean(0)).max() / np.abs(expected).max()
+        assert spread > 0.05, "features barely differ between images: the test is vacuous"
+        error = np.abs(got - expected).max() / np.abs(expected).max()
+        assert error < 1e-4, (height, width, error)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 16)), rng.normal(0.3, 1.5, size=(50, 16))
+    args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    expected = calculate_frechet_distance(*args)
+    assert metrics.frechet_distance(*args) == pytest.approx(expected, rel=1e-6)
+
+    # Rank-one covariances whose product has no finite square root: both retry with an
+    # offset on the diagonals.
+    u, v = np.array([1., 1, -1, 0, 1]), np.array([1., 1, 0, -1, 1])
+    singular = (np.zeros(5), np.outer(u, u), np.ones(5), np.outer(v, v))
+    from scipy import linalg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not np.isfinite(linalg.sqrtm(singular[1] @ singular[3])).all()
+        expected = calculate_frechet_distance(*singular)
+    with pytest.warns(UserWarning, match="singular covariance product"):
+        got = metrics.frechet_distance(*singular)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_matches_torch_fidelity():
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    rng = np.random.default_rng(1)
+    fake = rng.normal(size=(300, 32)).astype(np.float32)
+    real = rng.normal(0.5, 1.2, size=(250, 32)).astype(np.float32)
+    expected = kid_features_to_metric(torch.tensor(fake), torch.tensor(real), kid_subsets=20,
+                                      kid_subset_size=100, rng_seed=metrics.KID_SEED,
+                                      verbose=False)
+    mean, std = metrics.kid(fake, real, subsets=20, subset_size=100)
+    assert mean == pytest.approx(expected[KEY_METRIC_KID_MEAN], rel=1e-4)
+    assert std == pytest.approx(expected[KEY_METRIC_KID_STD], rel=1e-3)
+    assert mean > 5 * std  # the two sets differ
+
+
+def write_folder(folder, images):
+    from PIL import Image
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return str(folder)
+
+
+def fid_of(output):
+    return float(re.search(r"FID:\s+([-\d.e]+)", output).group(1))
+
+
+def test_command_line_matches_pytorch_fid(torch_weights, tmp_path):
+    """Folders in, FID out, both ways round, and each tool reading the other's statistics."""
+    _, paths = torch_weights
+    # 64-d features keep it fast; 100 images keep their covariance non-singular.
+    real = write_folder(tmp_path / "real", varied_images(100, 48, 48, seed=7))
+    fake_images = varied_images(100, 48, 48, seed=8)
+    fake_images[:, :, :, 0] //= 2  # a different distribution
+    fake = write_folder(tmp_path / "fake", fake_images)
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    os.symlink(paths["zip"], hub / f"{weights.WEIGHTS_NAME}.pth")
+    env = {"TORCH_HOME": str(tmp_path / "torch_home")}
+    theirs_args = ["--device", "cpu", "--dims", "64", "--num-workers", "0"]
+
+    theirs = fid_of(run(["-m", "pytorch_fid", real, fake, *theirs_args], env=env).stdout)
+    ours = run(["-m", "dcgan_jax.evaluate", f"--real={real}", f"--fake={fake}",
+                f"--fid_weights={paths['zip']}", "--dims=64", "--batch_size=50"]).stdout
+    assert theirs > 1.0
+    assert fid_of(ours) == pytest.approx(theirs, rel=1e-3)
+    assert re.search(r"KID: [-\d.]+ ± [\d.]+ \(100 subsets of 100\)", ours)
+
+    their_stats, our_stats = str(tmp_path / "theirs.npz"), str(tmp_path / "ours.npz")
+    run(["-m", "pytorch_fid", "--save-stats", real, their_stats, *theirs_args], env=env)
+    run(["-m", "dcgan_jax.evaluate", f"--real={real}", f"--save_stats={our_stats}",
+         f"--fid_weights={paths['legacy']}", "--dims=64"], devices=4)
+    they_read_ours = fid_of(run(["-m", "pytorch_fid", our_stats, fake, *theirs_args],
+                                env=env).stdout)
+    we_read_theirs = fid_of(run(["-m", "dcgan_jax.evaluate", f"--real={their_stats}",
+                                 f"--fake={our_stats}"]).stdout)
+    assert they_read_ours == pytest.approx(theirs, rel=1e-3)
+    assert we_read_theirs == pytest.approx(0.0, abs=1e-3 * theirs)
+
+
+def test_weights_fetched_once_from_a_mirror(torch_weights, tmp_path, monkeypatch):
+    import http.server
+    import threading
+    _, paths = torch_weights
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(
+        *args, directory=os.path.dirname(paths["legacy"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(weights.URL_VARIABLE,
+                           f"http://127.0.0.1:{server.server_address[1]}/legacy.pth")
+        cache = str(tmp_path / "cache")
+        path = weights.locate("", cache)
+        assert path == os.path.join(cache, weights.WEIGHTS_NAME + ".npz")
+        assert sorted(os.listdir(cache)) == [weights.WEIGHTS_NAME + ".npz"]
+        server.shutdown()  # a second call must not fetch
+        assert weights.locate("", cache) == path
+    finally:
+        server.server_close()
+    converted = weights.read_state_dict(path)
+    np.testing.assert_array_equal(converted["fc.weight"],
+                                  weights.read_state_dict(paths["zip"])["fc.weight"])
+
+
+def one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_one_line_errors(tmp_path):
+    real = write_folder(tmp_path / "real", varied_images(3, 16, 16, seed=0))
+    good = random_fid_weights(str(tmp_path / "good.npz"))
+    args = ["-m", "dcgan_jax.evaluate", f"--real={real}", f"--fake={real}"]
+
+    offline = run(args, check=False, env={
+        "HOME": str(tmp_path), weights.URL_VARIABLE: "http://127.0.0.1:9/pt_inception.pth"})
+    one_line_error(offline, "cannot be fetched from http://127.0.0.1:9/", "--fid_weights=PATH",
+                   str(tmp_path / ".cache" / "dcgan_jax" / "weights"))
+    missing = run(args + [f"--fid_weights={tmp_path / 'nope.pth'}"], check=False)
+    one_line_error(missing, "nope.pth", "does not exist")
+
+    state_dict = weights.read_state_dict(good)
+    state_dict["Mixed_5b.branch1x1.conv.weight"] = np.zeros((64, 192, 3, 3), np.float32)
+    wrong = str(tmp_path / "wrong.npz")
+    weights.save_npz(state_dict, wrong)
+    one_line_error(run(args + [f"--fid_weights={wrong}"], check=False),
+                   "'Mixed_5b.branch1x1.conv.weight' has shape (64, 192, 3, 3)", "(64, 192, 1, 1)")
+
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    one_line_error(run(args + [f"--fid_weights={truncated}"], check=False), "truncated.pth",
+                   "cannot be read")
+
+    single = write_folder(tmp_path / "single", varied_images(1, 16, 16, seed=0))
+    one_line_error(run(["-m", "dcgan_jax.evaluate", f"--real={single}", f"--fake={real}",
+                        f"--fid_weights={good}", "--dims=64"], check=False),
+                   "holds 1 image file(s); FID needs at least 2")
+    with pytest.raises(metrics.MetricError, match="at least 2 images"):
+        metrics.Statistics.of(np.zeros((1, 64)))
