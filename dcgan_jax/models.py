@@ -53,6 +53,54 @@ def image_pyramid(images: jax.Array, scales: int) -> Pyramid:
     return tuple(pyramid)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel."""
+    return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                        dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's ConvTranspose2d(k=4, s=2, p=1) on NHWC: the adjoint of `_stride2_conv`
+    with the same kernel (HWIO of that convolution: [4, 4, out, in] here).
+
+    The gradients are written as those of the strided convolution. Autodiff would take the
+    kernel gradient through an input-dilated convolution, which XLA's CPU backend runs about
+    ten times slower (2.7 s against 0.2 s for the 4x4->8x8 layer at batch 64).
+    """
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=_NHWC, transpose_kernel=True)
+
+
+def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array):
+    return upsample_conv(x, kernel), (x, kernel)
+
+
+def _upsample_conv_bwd(residuals, grad_y):
+    x, kernel = residuals
+    _, kernel_pullback = jax.vjp(lambda k: _stride2_conv(grad_y, k), kernel)
+    return _stride2_conv(grad_y, kernel), kernel_pullback(x)[0]
+
+
+upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+
+
+class UpsampleConv(nn.Module):
+    """A resolution-doubling ConvTranspose(k=4, s=2, p=1) without bias, by `upsample_conv`;
+    its kernel is that of `nn.ConvTranspose(transpose_kernel=True)`."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (4, 4, self.features, x.shape[-1]))
+        return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class Generator(nn.Module):
     """z of size nz -> ConvTranspose/BatchNorm/ReLU blocks -> tanh images.
 
@@ -69,9 +117,6 @@ class Generator(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> Pyramid:
         blocks = num_blocks(self.resolution)
-        conv_transpose = lambda features, **kw: nn.ConvTranspose(  # noqa: E731
-            features, (4, 4), use_bias=False, transpose_kernel=True,
-            kernel_init=conv_init, dtype=self.dtype, **kw)
         batch_norm = lambda: nn.BatchNorm(  # noqa: E731
             use_running_average=not train, momentum=0.9, epsilon=1e-5,
             scale_init=bn_scale_init, dtype=self.dtype)
@@ -80,20 +125,22 @@ class Generator(nn.Module):
 
         x = z.reshape(z.shape[0], 1, 1, z.shape[-1]).astype(self.dtype)
         # The 1x1 latent grows to 4x4 (PyTorch: ConvTranspose2d(k=4, s=1, p=0)).
-        x = conv_transpose(self.base_channels * 2 ** (blocks - 1), strides=(1, 1),
-                           padding=((3, 3), (3, 3)))(x)
+        x = nn.ConvTranspose(self.base_channels * 2 ** (blocks - 1), (4, 4), padding=3,
+                             use_bias=False, transpose_kernel=True, kernel_init=conv_init,
+                             dtype=self.dtype)(x)
         x = nn.relu(batch_norm()(x))
         side_outputs = []
-        for i in reversed(range(blocks - 1)):
+        # Each block doubles the resolution (PyTorch: ConvTranspose2d(k=4, s=2, p=1)); the
+        # names are those nn.ConvTranspose would get.
+        upsample = lambda features, index: UpsampleConv(  # noqa: E731
+            features, dtype=self.dtype, name=f"ConvTranspose_{index}")
+        for index, i in enumerate(reversed(range(blocks - 1)), start=1):
             if self.msg:
                 side_outputs.append(to_image(x))
-            # Doubles the resolution (PyTorch: ConvTranspose2d(k=4, s=2, p=1)).
-            x = conv_transpose(self.base_channels * 2**i, strides=(2, 2),
-                               padding=((2, 2), (2, 2)))(x)
-            x = nn.relu(batch_norm()(x))
+            x = nn.relu(batch_norm()(upsample(self.base_channels * 2**i, index)(x)))
         if self.msg:
             side_outputs.append(to_image(x))
-        x = conv_transpose(self.channels, strides=(2, 2), padding=((2, 2), (2, 2)))(x)
+        x = upsample(self.channels, blocks)(x)
         images = jnp.tanh(x).astype(jnp.float32)
         return (images,) + tuple(o.astype(jnp.float32) for o in reversed(side_outputs))
 

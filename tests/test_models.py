@@ -124,3 +124,29 @@ def test_discriminator_rejects_wrong_pyramid():
     discriminator = Discriminator(resolution=32, base_channels=8, msg=True)
     with pytest.raises(ValueError, match="pyramid of 4 images"):
         discriminator.init(jax.random.PRNGKey(0), (jnp.zeros((1, 32, 32, 3)),), train=False)
+
+
+@pytest.mark.parametrize("side,c_in,c_out", [(4, 16, 8), (8, 6, 3)])
+def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_out):
+    """The custom-gradient upsampling equals torch's ConvTranspose2d(4, 2, 1) forward, and
+    flax's nn.ConvTranspose with autodiff gradients, to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    from dcgan_jax.models import upsample_conv
+    kx, kk = jax.random.split(jax.random.PRNGKey(side))
+    x = jax.random.normal(kx, (3, side, side, c_in))
+    kernel = jax.random.normal(kk, (4, 4, c_out, c_in))
+    reference = lambda x, k: jax.lax.conv_transpose(  # noqa: E731  (flax's formulation)
+        x, k, (2, 2), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        transpose_kernel=True)
+    y = upsample_conv(x, kernel)
+    assert y.shape == (3, 2 * side, 2 * side, c_out)
+    expected = torch.nn.functional.conv_transpose2d(
+        torch.tensor(np.asarray(x)).permute(0, 3, 1, 2),
+        torch.tensor(np.asarray(kernel)).permute(3, 2, 0, 1), stride=2, padding=1)
+    np.testing.assert_allclose(y, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-4)
+
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * jnp.arange(c_out))  # noqa: E731
+    ours = jax.grad(loss(upsample_conv), argnums=(0, 1))(x, kernel)
+    theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

@@ -54,8 +54,12 @@ class FeatureExtractor:
     def of_images(self, batch: np.ndarray) -> np.ndarray:
         """Features of uint8 NHWC images (the same full batch on every process)."""
         count = len(batch)
-        if count < self.batch_size:  # one shape for every batch: one compilation
-            pad = np.zeros((self.batch_size - count, *batch.shape[1:]), batch.dtype)
+        # Full batches share one shape and one compilation; a short (last) batch is padded
+        # only to a multiple of the device count.
+        devices = jax.device_count()
+        padded = min(self.batch_size, -(-count // devices) * devices)
+        if count < padded:
+            pad = np.zeros((padded - count, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
         array = jax.make_array_from_callback(batch.shape, parallel.batch_sharded(self.mesh),
                                              lambda index: batch[index])
