@@ -138,7 +138,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"dcgan_jax.evaluate: error: unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
     if problem := _check_flags():
         sys.exit(f"dcgan_jax.evaluate: error: {problem}")
     from dcgan_jax.data import DataError

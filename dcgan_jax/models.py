@@ -11,6 +11,7 @@ down to 4x4, of length 1 without MSG. Images are NHWC in [-1, 1].
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -62,6 +63,41 @@ def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=_NHWC)
 
 
+def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
+
+    With few input channels it is written as patches of x times the gradient, one matrix
+    product: XLA's CPU backend takes about five times longer for that reduction as a
+    convolution (95 against 18 ms for 3 channels at 64x64, batch 64).
+    """
+    if x.shape[-1] >= 16:
+        return jax.vjp(lambda k: _stride2_conv(x, k), kernel)[1](grad_y)[0]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = grad_y.shape[1:3]
+    patches = jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
+                               for i in range(4) for j in range(4)], axis=-1)
+    return jnp.einsum("bhwk,bhwc->kc", patches, grad_y).reshape(kernel.shape)
+
+
+@jax.custom_vjp
+def downsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with `_stride2_kernel_grad`."""
+    return _stride2_conv(x, kernel)
+
+
+def _downsample_conv_fwd(x: jax.Array, kernel: jax.Array):
+    return _stride2_conv(x, kernel), (x, kernel)
+
+
+def _downsample_conv_bwd(residuals, grad_y):
+    x, kernel = residuals
+    grad_x = jax.vjp(lambda u: _stride2_conv(u, kernel), x)[1](grad_y)[0]
+    return grad_x, _stride2_kernel_grad(x, grad_y, kernel)
+
+
+downsample_conv.defvjp(_downsample_conv_fwd, _downsample_conv_bwd)
+
+
 @jax.custom_vjp
 def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's ConvTranspose2d(k=4, s=2, p=1) on NHWC: the adjoint of `_stride2_conv`
@@ -81,11 +117,23 @@ def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array):
 
 def _upsample_conv_bwd(residuals, grad_y):
     x, kernel = residuals
-    _, kernel_pullback = jax.vjp(lambda k: _stride2_conv(grad_y, k), kernel)
-    return _stride2_conv(grad_y, kernel), kernel_pullback(x)[0]
+    return _stride2_conv(grad_y, kernel), _stride2_kernel_grad(grad_y, x, kernel)
 
 
 upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+
+
+class DownsampleConv(nn.Module):
+    """A resolution-halving Conv(k=4, s=2, p=1) without bias, by `downsample_conv`; its
+    kernel is that of `nn.Conv`."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (4, 4, x.shape[-1], self.features))
+        return downsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class UpsampleConv(nn.Module):
@@ -166,14 +214,16 @@ class Discriminator(nn.Module):
         if len(pyramid) != expected:
             raise ValueError(f"Discriminator expects a pyramid of {expected} images, "
                              f"got {len(pyramid)}")
+        # Convolutions are named as nn.Conv would name them all, in the order they are made.
+        names = (f"Conv_{n}" for n in itertools.count())
         conv = lambda features, **kw: nn.Conv(  # noqa: E731
-            features, kernel_init=conv_init, dtype=self.dtype, **kw)
+            features, kernel_init=conv_init, dtype=self.dtype, name=next(names), **kw)
         x = pyramid[0].astype(self.dtype)
         for i in range(blocks):
             if i > 0 and self.msg:
                 x = self._combine(x, pyramid[i].astype(self.dtype), conv)
-            x = conv(self.base_channels * 2**i, kernel_size=(4, 4), strides=(2, 2),
-                     padding=((1, 1), (1, 1)), use_bias=False)(x)
+            x = DownsampleConv(self.base_channels * 2**i, dtype=self.dtype,
+                               name=next(names))(x)
             if i > 0:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  scale_init=bn_scale_init, dtype=self.dtype)(x)

@@ -246,7 +246,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         sys.exit("dcgan_jax.sample: error: --workdir is required")
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
     for name in ("rows", "cols", "num", "batch_size", "frames"):
         if FLAGS[name].value < 1:
             sys.exit(f"dcgan_jax.sample: error: --{name}={FLAGS[name].value} must be at least 1")

@@ -150,3 +150,19 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
     theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
     for a, b in zip(ours, theirs):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_downsample_conv_equals_autodiff(channels):
+    """Both kernel-gradient routes (few and many input channels) equal autodiff's."""
+    from dcgan_jax.models import downsample_conv
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, channels))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, channels, 8))
+    reference = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(downsample_conv(x, kernel), reference(x, kernel), rtol=1e-6)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * jnp.arange(8))  # noqa: E731
+    ours = jax.grad(loss(downsample_conv), argnums=(0, 1))(x, kernel)
+    theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
