@@ -152,11 +152,11 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("channels", [3, 16])
-def test_downsample_conv_equals_autodiff(channels):
-    """Both kernel-gradient routes (few and many input channels) equal autodiff's."""
+@pytest.mark.parametrize("channels,side", [(3, 16), (16, 16), (16, 64)])
+def test_downsample_conv_equals_autodiff(channels, side):
+    """Both kernel-gradient routes (matrix product, convolution) equal autodiff's."""
     from dcgan_jax.models import downsample_conv
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, channels))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, channels))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, channels, 8))
     reference = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
         x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
