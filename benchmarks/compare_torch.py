@@ -46,8 +46,8 @@ dtype (CPUs without native bfloat16 arithmetic convert it to float32); on CUDA, 
 side's compute dtype (float32 with TF32 allowed, as both frameworks use TF32 for float32
 convolutions by default there, or bfloat16).
 
-The JAX config is built here from the fields `dcgan_jax.step` reads, so only jax, flax, optax,
-absl and torch are needed: no ml_collections, clu, grain or TensorFlow.
+The JAX config (`step_config.py`) has only the fields `dcgan_jax.step` reads, so only jax,
+flax, optax, absl and torch are needed: no ml_collections, clu, grain or TensorFlow.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import types
 from typing import Any, Callable
 
 import jax
@@ -66,6 +65,7 @@ from torch import nn
 
 from dcgan_jax import parallel, step as step_lib
 from dcgan_jax.models import num_blocks
+from step_config import CHANNELS, LR, BETAS, NZ, NGF, NDF, SEED, jax_config
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Resolutions to time.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -75,25 +75,11 @@ flags.DEFINE_integer("warmup", 2, "Untimed PyTorch steps, and JAX steps after co
 flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where both frameworks run.")
 flags.DEFINE_boolean("torch_channels_last", False, "PyTorch models and batches in NHWC.")
 flags.DEFINE_boolean("torch_autocast_bf16", False, "PyTorch forward passes under bf16 autocast.")
+flags.DEFINE_boolean("torch_compile", False, "torch.compile both PyTorch networks.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype (config.dtype).")
 flags.DEFINE_integer("threads", 0, "torch.set_num_threads; 0: every core this process may "
                      "use (as XLA's CPU client always does).")
 FLAGS = flags.FLAGS
-
-NZ, NGF, NDF, CHANNELS = 100, 64, 64, 3
-LR, BETAS = 2e-4, (0.5, 0.999)
-SEED = 0
-
-
-def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:
-    """The fields of `dcgan_jax.config.get_default_config()` that the train step reads."""
-    model = types.SimpleNamespace(resolution=resolution, channels=CHANNELS, nz=NZ, ngf=NGF,
-                                  ndf=NDF, msg=False, msg_combine="simple")
-    train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
-                                  beta2=BETAS[1], lr_decay=False, d_steps=1,
-                                  label_smoothing=0.0, ema_decay=0.0)
-    return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train)
-
 
 def torch_generator(resolution: int) -> nn.Sequential:
     """pytorch/examples' netG with one stride-2 block per doubling from 4x4."""
@@ -160,7 +146,7 @@ class TorchDCGAN:
     """Both networks, their optimizers and pytorch/examples' train step."""
 
     def __init__(self, resolution: int, batch_size: int, device: torch.device,
-                 channels_last: bool, autocast_bf16: bool) -> None:
+                 channels_last: bool, autocast_bf16: bool, compile_networks: bool) -> None:
         torch.manual_seed(SEED)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch_generator(resolution).to(device, memory_format=memory_format)
@@ -168,6 +154,9 @@ class TorchDCGAN:
                                                                 memory_format=memory_format)
         self.generator.apply(dcgan_init)
         self.discriminator.apply(dcgan_init)
+        if compile_networks:
+            self.generator, self.discriminator = (
+                torch.compile(self.generator), torch.compile(self.discriminator))
         self.g_params = list(self.generator.parameters())
         self.g_opt = torch.optim.Adam(self.g_params, lr=LR, betas=BETAS)
         self.d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=LR, betas=BETAS)
@@ -249,7 +238,7 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
     b, steps = FLAGS.batch_size, FLAGS.steps
     rng = np.random.default_rng(SEED)
     model = TorchDCGAN(resolution, b, device, FLAGS.torch_channels_last,
-                       FLAGS.torch_autocast_bf16)
+                       FLAGS.torch_autocast_bf16, FLAGS.torch_compile)
     real_torch = torch.from_numpy(
         rng.integers(0, 256, (b, CHANNELS, resolution, resolution), dtype=np.uint8)).to(device)
 
@@ -298,8 +287,16 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
             "jax_flops_s": flops * jax_rate}
 
 
+def xla_gflops(row: dict[str, float], device: torch.device) -> str:
+    """XLA's FLOP count per image; on CUDA it leaves out cuDNN's convolutions, so n/a."""
+    return "n/a" if device.type == "cuda" else f"{row['xla_flops'] / 1e9:.2f}"
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.device == "cuda":
+        # Both frameworks share the GPU: JAX would otherwise take 75% of it up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     jax.config.update("jax_platforms", FLAGS.device)
     device = torch.device(FLAGS.device)
     torch.set_num_threads(FLAGS.threads or len(os.sched_getaffinity(0)))
@@ -308,7 +305,8 @@ def main(argv: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     peak_dtypes = sorted({peak_dtype(device, torch_dtype()), peak_dtype(device, FLAGS.dtype)})
     peaks = {name: matmul_peak(device, getattr(torch, name)) for name in peak_dtypes}
-    torch_desc = " ".join([torch_dtype()] + ["channels_last"] * FLAGS.torch_channels_last)
+    torch_desc = " ".join([torch_dtype()] + ["channels_last"] * FLAGS.torch_channels_last
+                          + ["torch.compile"] * FLAGS.torch_compile)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{len(os.sched_getaffinity(0))} CPU cores")
     print(f"device: {machine}; jax {jax.__version__} ({jax.device_count()} x "
@@ -326,16 +324,19 @@ def main(argv: list[str]) -> None:
     for _, row in rows:
         row["torch_peak"] = row["torch_flops_s"] / peaks[peak_dtype(device, torch_dtype())]
         row["jax_peak"] = row["jax_flops_s"] / peaks[peak_dtype(device, FLAGS.dtype)]
-    header = ("| res | JAX dtype | JAX compile s | torch img/s | JAX img/s | JAX/torch "
+    header = ("| res | batch | JAX dtype | JAX compile s | torch steps/s | JAX steps/s "
+              "| torch img/s | JAX img/s | JAX/torch "
               "| GFLOP/img | XLA GFLOP/img | torch GFLOP/s | JAX GFLOP/s "
               "| torch % peak | JAX % peak |")
     print()
     print(header)
     print("|" + "|".join("---:" for _ in range(header.count("|") - 1)) + "|")
     for res, row in rows:
-        print(f"| {res} | {FLAGS.dtype} | {row['compile_s']:.1f} | {row['torch']:.1f} "
+        print(f"| {res} | {FLAGS.batch_size} | {FLAGS.dtype} | {row['compile_s']:.1f} "
+              f"| {row['torch'] / FLAGS.batch_size:.2f} | {row['jax'] / FLAGS.batch_size:.2f} "
+              f"| {row['torch']:.1f} "
               f"| {row['jax']:.1f} | {row['jax'] / row['torch']:.2f} "
-              f"| {row['flops'] / 1e9:.2f} | {row['xla_flops'] / 1e9:.2f} "
+              f"| {row['flops'] / 1e9:.2f} | {xla_gflops(row, device)} "
               f"| {row['torch_flops_s'] / 1e9:.1f} | {row['jax_flops_s'] / 1e9:.1f} "
               f"| {100 * row['torch_peak']:.1f} | {100 * row['jax_peak']:.1f} |")
 

@@ -57,27 +57,77 @@ def image_pyramid(images: jax.Array, scales: int) -> Pyramid:
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+FEW_CHANNELS = 8
+
+
 def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel."""
+    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel.
+
+    Inputs of fewer than `FEW_CHANNELS` channels (images) go through
+    `_space_to_depth_conv`, which computes the same sums.
+    """
+    if kernel.shape[2] < FEW_CHANNELS:
+        return _space_to_depth_conv(x, kernel)
     return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
                                         dimension_numbers=_NHWC)
+
+
+def _space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_stride2_conv` as a stride-1 2x2 convolution over 2x2 blocks of the padded input.
+
+    Output pixel i reads padded rows 2i..2i+3, which are blocks i and i+1, so folding each
+    2x2 block into 4C channels (and the kernel likewise) gives the same products, in
+    another order. The 4C channels are zero-padded to a multiple of 8: cuDNN has no fast
+    kernels for 3-channel convolutions or their adjoints, and this form took the 128x128
+    step on an H100 from 12.4 to 10.5 ms (batch 256, bfloat16; benchmarks/NOTES.md).
+    """
+    b, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    hb, wb = h // 2 + 1, w // 2 + 1
+    blocks = padded.reshape(b, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    blocks = blocks.reshape(b, hb, wb, 4 * c)
+    folded = kernel.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5)
+    folded = folded.reshape(2, 2, 4 * c, -1)
+    extra = -4 * c % 8
+    blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    folded = jnp.pad(folded, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return jax.lax.conv_general_dilated(blocks, folded, (1, 1), "VALID",
+                                        dimension_numbers=_NHWC)
+
+
+def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's ConvTranspose2d(k=4, s=2, p=1): the adjoint of `_stride2_conv(., kernel)`,
+    taken by transposing it where it has few channels so that both share their form."""
+    if kernel.shape[2] < FEW_CHANNELS:
+        b, h, w, _ = x.shape
+        output = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
+        return jax.linear_transpose(lambda u: _stride2_conv(u, kernel), output)(x)[0]
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=_NHWC, transpose_kernel=True)
 
 
 def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
     """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
 
-    With few input channels, or inputs of 64x64 and more, it is written as patches of x
-    times the gradient, one matrix product: XLA's CPU backend runs those reductions as
+    On CPUs, with few input channels or inputs of 64x64 and more, it is written as patches
+    of x times the gradient, one matrix product: XLA's CPU backend runs those reductions as
     convolutions several times slower (95 against 18 ms for 3 channels at 64x64, 3.4 against
-    0.9 s for 64 channels at 64x64, batch 64). Elsewhere the convolution is as fast.
+    0.9 s for 64 channels at 64x64, batch 64). Elsewhere, and on accelerators, whose
+    convolution libraries have kernels for it, the convolution's own gradient is used.
     """
-    if x.shape[-1] >= 16 and x.shape[1] < 64:
+    def as_convolution(x, grad_y):
         return jax.vjp(lambda k: _stride2_conv(x, k), kernel)[1](grad_y)[0]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    h, w = grad_y.shape[1:3]
-    patches = jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
-                               for i in range(4) for j in range(4)], axis=-1)
-    return jnp.einsum("bhwk,bhwc->kc", patches, grad_y).reshape(kernel.shape)
+
+    def as_matmul(x, grad_y):
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h, w = grad_y.shape[1:3]
+        patches = jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
+                                   for i in range(4) for j in range(4)], axis=-1)
+        return jnp.einsum("bhwk,bhwc->kc", patches, grad_y).reshape(kernel.shape)
+
+    if x.shape[-1] >= 16 and x.shape[1] < 64:
+        return as_convolution(x, grad_y)
+    return jax.lax.platform_dependent(x, grad_y, cpu=as_matmul, default=as_convolution)
 
 
 @jax.custom_vjp
@@ -108,12 +158,11 @@ def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kernel gradient through an input-dilated convolution, which XLA's CPU backend runs about
     ten times slower (2.7 s against 0.2 s for the 4x4->8x8 layer at batch 64).
     """
-    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                                  dimension_numbers=_NHWC, transpose_kernel=True)
+    return _stride2_conv_transpose(x, kernel)
 
 
 def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array):
-    return upsample_conv(x, kernel), (x, kernel)
+    return _stride2_conv_transpose(x, kernel), (x, kernel)
 
 
 def _upsample_conv_bwd(residuals, grad_y):
