@@ -46,7 +46,7 @@ dtype (CPUs without native bfloat16 arithmetic convert it to float32); on CUDA, 
 side's compute dtype (float32 with TF32 allowed, as both frameworks use TF32 for float32
 convolutions by default there, or bfloat16).
 
-The JAX config (`step_config.py`) has only the fields `dcgan_jax.step` reads, so only jax,
+The JAX config (`jax_step.py`) has only the fields `dcgan_jax.step` reads, so only jax,
 flax, optax, absl and torch are needed: no ml_collections, clu, grain or TensorFlow.
 """
 
@@ -63,9 +63,9 @@ import torch
 from absl import app, flags
 from torch import nn
 
-from dcgan_jax import parallel, step as step_lib
 from dcgan_jax.models import num_blocks
-from step_config import CHANNELS, LR, BETAS, NZ, NGF, NDF, SEED, jax_config
+from jax_step import (BETAS, CHANNELS, LR, NDF, NGF, NZ, SEED, compiled_step, jax_config,
+                      run_steps)
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Resolutions to time.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -242,21 +242,13 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
     real_torch = torch.from_numpy(
         rng.integers(0, 256, (b, CHANNELS, resolution, resolution), dtype=np.uint8)).to(device)
 
-    config = jax_config(resolution, b, FLAGS.dtype)
-    mesh = parallel.make_mesh()
-    state = step_lib.create_train_state(config, mesh, total_steps=1)
+    compiled, state, real_jax, compile_s = compiled_step(jax_config(resolution, b, FLAGS.dtype))
     for name, jax_params, torch_model in (
             ("G", state.g.params, model.generator), ("D", state.d.params, model.discriminator)):
         counts = parameter_count(jax_params), torch_parameter_count(torch_model)
         assert counts[0] == counts[1], f"{name} at {resolution}: JAX {counts[0]:,} " \
                                        f"!= PyTorch {counts[1]:,} parameters"
-    local = rng.integers(0, 256, (1, b // jax.process_count(), resolution, resolution,
-                                  CHANNELS), dtype=np.uint8)
-    real_jax = parallel.global_batch(local, mesh, batch_axis=1)
-    start = time.perf_counter()
-    train_step = step_lib.make_train_step(config, mesh).lower(state, real_jax).compile()
-    compile_s = time.perf_counter() - start
-    xla_flops = train_step.cost_analysis()["flops"] / b
+    xla_flops = compiled.cost_analysis()["flops"] / b
 
     def torch_block(n: int) -> None:
         for _ in range(n):
@@ -265,9 +257,7 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
 
     def jax_block(n: int) -> None:
         nonlocal state
-        for _ in range(n):
-            state, metrics = train_step(state, real_jax)
-        jax.block_until_ready((state, metrics))
+        state = run_steps(compiled, state, real_jax, n)
 
     torch_block(FLAGS.warmup)
     jax_block(FLAGS.warmup)
@@ -280,7 +270,9 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
               f"{rates['torch'][-1]:.1f} images/s, JAX {rates['jax'][-1]:.1f} images/s "
               f"(load average {os.getloadavg()[0]:.1f})", flush=True)
 
-    flops = step_flops(model.generator, model.discriminator, resolution)
+    # torch.compile wraps the networks; their layers are those of the wrapped modules.
+    flops = step_flops(*(getattr(network, "_orig_mod", network)
+                         for network in (model.generator, model.discriminator)), resolution)
     torch_rate, jax_rate = (statistics.median(rates[side]) for side in ("torch", "jax"))
     return {"compile_s": compile_s, "torch": torch_rate, "jax": jax_rate, "flops": flops,
             "xla_flops": xla_flops, "torch_flops_s": flops * torch_rate,

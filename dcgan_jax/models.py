@@ -96,38 +96,84 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """PyTorch's ConvTranspose2d(k=4, s=2, p=1): the adjoint of `_stride2_conv(., kernel)`,
-    taken by transposing it where it has few channels so that both share their form."""
-    if kernel.shape[2] < FEW_CHANNELS:
+    """PyTorch's ConvTranspose2d(k=4, s=2, p=1): the adjoint of `_stride2_conv(., kernel)`.
+
+    It serves as G's upsampling and as the input gradient of D's strided convolutions.
+    With few channels, and on CPUs, it is the adjoint of `_space_to_depth_conv`: a stride-1
+    convolution, which XLA's CPU backend runs faster than the input-dilated form
+    (35 against 87 ms for 128 -> 64 channels at 32x32, batch 64). Elsewhere cuDNN's own
+    kernel for the transposed convolution is used.
+    """
+    def as_space_to_depth(x, kernel):
         b, h, w, _ = x.shape
         output = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
-        return jax.linear_transpose(lambda u: _stride2_conv(u, kernel), output)(x)[0]
-    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                                  dimension_numbers=_NHWC, transpose_kernel=True)
+        return jax.linear_transpose(lambda u: _space_to_depth_conv(u, kernel), output)(x)[0]
+
+    def as_input_dilated(x, kernel):
+        return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                      dimension_numbers=_NHWC, transpose_kernel=True)
+
+    if kernel.shape[2] < FEW_CHANNELS:
+        return as_space_to_depth(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=as_space_to_depth,
+                                      default=as_input_dilated)
+
+
+# Patches per loop step of `_kernel_grad_by_matmuls`: small enough to stay in a CPU's cache.
+PATCH_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def _patches(x: jax.Array, h: int, w: int) -> jax.Array:
+    """The 16 inputs of each of the h x w outputs of `_stride2_conv`, tap-major: [b, h, w, 16C]."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
+                            for i in range(4) for j in range(4)], axis=-1)
+
+
+def _kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The kernel gradient of `_stride2_conv` as patches of x times the output's gradient,
+    summed over chunks of the batch in a loop.
+
+    A chunk's patches take about `PATCH_CHUNK_BYTES` per device: chunk k holds images
+    k, k + n, k + 2n, ... (n chunks), so that each device reads only its own shard of the
+    batch, which is sharded over all devices.
+    """
+    b, _, _, c = x.shape
+    h, w = grad_y.shape[1:3]
+    devices = jax.device_count() if b % jax.device_count() == 0 else 1
+    fit = max(1, PATCH_CHUNK_BYTES // (h * w * 16 * c * x.dtype.itemsize))
+    per_device = max(d for d in range(1, b // devices + 1)
+                     if (b // devices) % d == 0 and d <= fit)
+    chunks = b // (per_device * devices)
+    xs = x.reshape(b // chunks, chunks, *x.shape[1:])
+    gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
+
+    def add_chunk(k, total):
+        x_k = jax.lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False)
+        g_k = jax.lax.dynamic_index_in_dim(gs, k, axis=1, keepdims=False)
+        return total + jnp.einsum("bhwk,bhwc->kc", _patches(x_k, h, w), g_k,
+                                  preferred_element_type=jnp.float32)
+
+    total = jax.lax.fori_loop(0, chunks, add_chunk,
+                              jnp.zeros((16 * c, grad_y.shape[-1]), jnp.float32))
+    return total.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
     """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
 
-    On CPUs, with few input channels or inputs of 64x64 and more, it is written as patches
-    of x times the gradient, one matrix product: XLA's CPU backend runs those reductions as
-    convolutions several times slower (95 against 18 ms for 3 channels at 64x64, 3.4 against
-    0.9 s for 64 channels at 64x64, batch 64). Elsewhere, and on accelerators, whose
-    convolution libraries have kernels for it, the convolution's own gradient is used.
+    On CPUs it is `_kernel_grad_by_matmuls`: XLA's CPU backend computes this reduction as a
+    convolution 1 to 10 times slower (150 against 40 ms for 64 channels at 32x32, 2.2 against
+    0.23 s at 64x64, batch 64; benchmarks/NOTES.md). Accelerators' convolution libraries
+    have kernels for it.
     """
     def as_convolution(x, grad_y):
         return jax.vjp(lambda k: _stride2_conv(x, k), kernel)[1](grad_y)[0]
 
-    def as_matmul(x, grad_y):
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        h, w = grad_y.shape[1:3]
-        patches = jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
-                                   for i in range(4) for j in range(4)], axis=-1)
-        return jnp.einsum("bhwk,bhwc->kc", patches, grad_y).reshape(kernel.shape)
+    def as_matmuls(x, grad_y):
+        return _kernel_grad_by_matmuls(x, grad_y, kernel)
 
-    if x.shape[-1] >= 16 and x.shape[1] < 64:
-        return as_convolution(x, grad_y)
-    return jax.lax.platform_dependent(x, grad_y, cpu=as_matmul, default=as_convolution)
+    return jax.lax.platform_dependent(x, grad_y, cpu=as_matmuls, default=as_convolution)
 
 
 @jax.custom_vjp
@@ -142,8 +188,7 @@ def _downsample_conv_fwd(x: jax.Array, kernel: jax.Array):
 
 def _downsample_conv_bwd(residuals, grad_y):
     x, kernel = residuals
-    grad_x = jax.vjp(lambda u: _stride2_conv(u, kernel), x)[1](grad_y)[0]
-    return grad_x, _stride2_kernel_grad(x, grad_y, kernel)
+    return _stride2_conv_transpose(grad_y, kernel), _stride2_kernel_grad(x, grad_y, kernel)
 
 
 downsample_conv.defvjp(_downsample_conv_fwd, _downsample_conv_bwd)

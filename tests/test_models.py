@@ -152,12 +152,18 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
 @pytest.mark.parametrize("channels,side", [(1, 8), (3, 16), (16, 16), (16, 64)])
-def test_downsample_conv_equals_autodiff(channels, side):
-    """Both forms (space-to-depth for few channels, direct) and both kernel-gradient routes
-    (matrix product, convolution) equal the direct convolution and its autodiff."""
+def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatch):
+    """Both forms (space-to-depth for few channels, direct), the input gradient (adjoint of
+    the space-to-depth form on CPUs) and the kernel gradient (chunked patches times gradient
+    on CPUs, one image per chunk with chunk_bytes=1) equal the direct convolution and its
+    autodiff."""
+    from dcgan_jax import models
     from dcgan_jax.models import downsample_conv
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, channels))
+    if chunk_bytes:
+        monkeypatch.setattr(models, "PATCH_CHUNK_BYTES", chunk_bytes)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side, channels))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, channels, 8))
     reference = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
         x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))

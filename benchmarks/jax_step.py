@@ -1,0 +1,54 @@
+"""dcgan_jax's train step as the benchmarks run it, with pytorch/examples' DCGAN settings.
+
+The config holds only the fields the step reads, rather than coming from `configs/`, so the
+benchmarks run where only jax, flax, optax and absl are installed (no ml_collections).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+import jax
+import numpy as np
+
+from dcgan_jax import parallel, step as step_lib
+
+NZ, NGF, NDF, CHANNELS = 100, 64, 64, 3
+LR, BETAS = 2e-4, (0.5, 0.999)
+SEED = 0
+
+
+def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:
+    """The fields of `dcgan_jax.config.get_default_config()` that the train step reads."""
+    model = types.SimpleNamespace(resolution=resolution, channels=CHANNELS, nz=NZ, ngf=NGF,
+                                  ndf=NDF, msg=False, msg_combine="simple")
+    train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
+                                  beta2=BETAS[1], lr_decay=False, d_steps=1,
+                                  label_smoothing=0.0, ema_decay=0.0)
+    return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train)
+
+
+def compiled_step(config: types.SimpleNamespace) -> tuple[Any, step_lib.GANState, jax.Array,
+                                                          float]:
+    """The step compiled ahead of time on all devices, a fresh state, a batch of random uint8
+    images already on the devices, and the compile time in seconds."""
+    r, b = config.model.resolution, config.train.batch_size
+    mesh = parallel.make_mesh()
+    state = step_lib.create_train_state(config, mesh, total_steps=1)
+    local = np.random.default_rng(SEED).integers(
+        0, 256, (1, b // jax.process_count(), r, r, CHANNELS), dtype=np.uint8)
+    real = parallel.global_batch(local, mesh, batch_axis=1)
+    start = time.perf_counter()
+    compiled = step_lib.make_train_step(config, mesh).lower(state, real).compile()
+    return compiled, state, real, time.perf_counter() - start
+
+
+def run_steps(compiled: Any, state: step_lib.GANState, real: jax.Array,
+              steps: int) -> step_lib.GANState:
+    """`steps` steps on the same batch; the host waits for the devices only at the end."""
+    for _ in range(steps):
+        state, metrics = compiled(state, real)
+    jax.block_until_ready((state, metrics))
+    return state
