@@ -8,8 +8,8 @@ halves; the script asserts both frameworks' parameter counts agree): the same N(
 convolution and N(1, 0.02) BatchNorm-scale initialisation, batch size, Adam(2e-4, 0.5,
 0.999) for both networks and non-saturating BCE-with-logits losses. A step is one D update on
 a real batch and a fake batch (fakes detached), then one G update through D on the same fakes
-(as pytorch/examples does). G's loss is backpropagated to G's parameters only
-(`backward(inputs=...)`), so neither side computes D's weight gradients there. Real batches are
+(as pytorch/examples does). D's weights are frozen while G's loss is backpropagated, so
+neither side computes D's weight gradients there (also under torch.compile). Real batches are
 random uint8 images already on the device, scaled to [-1, 1] inside the step on both sides;
 the latents are drawn inside the step on both sides.
 
@@ -35,9 +35,11 @@ first(N) those of its first layer, one step is
 
 multiply-adds, i.e. about 2.27 GFLOP per image at 64x64 and 12.0 at 128x128 (9 fwd(D) + 3
 fwd(G), 2.50 and 13.2, if every layer also took both gradients). XLA's own count of the
-compiled step (`cost_analysis()['flops']`) is printed beside it as a cross-check: it adds the
-elementwise work but leaves out taps that fall on padding (6% of those of D's 32x32 -> 16x16
-layer, 23% of its 8x8 -> 4x4 one), so it comes out about 13% lower at 64x64.
+compiled step (`cost_analysis()['flops']`) is printed beside it as a rough cross-check: it
+adds the elementwise work but leaves out taps that fall on padding (6% of those of D's
+32x32 -> 16x16 layer, 23% of its 8x8 -> 4x4 one), counts the body of a loop once (the
+chunked kernel gradients on CPUs), and on GPUs leaves out cuDNN's convolutions altogether
+(printed as n/a there).
 
 Achieved FLOP/s are the analytic FLOPs times images/s, also given as a fraction of the peak
 of a large matrix multiply measured here with torch, before and after the timed steps (the
@@ -157,8 +159,7 @@ class TorchDCGAN:
         if compile_networks:
             self.generator, self.discriminator = (
                 torch.compile(self.generator), torch.compile(self.discriminator))
-        self.g_params = list(self.generator.parameters())
-        self.g_opt = torch.optim.Adam(self.g_params, lr=LR, betas=BETAS)
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=LR, betas=BETAS)
         self.d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=LR, betas=BETAS)
         self.criterion = nn.BCEWithLogitsLoss()
         self.ones = torch.ones(batch_size, device=device)
@@ -181,9 +182,11 @@ class TorchDCGAN:
         self.d_opt.step()
 
         self.g_opt.zero_grad()
+        self.discriminator.requires_grad_(False)
         with self.autocast:
             loss_g = self.criterion(self.discriminator(fake), self.ones)
-        loss_g.backward(inputs=self.g_params)
+        loss_g.backward()
+        self.discriminator.requires_grad_(True)
         self.g_opt.step()
         return loss_real + loss_fake, loss_g
 

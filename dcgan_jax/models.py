@@ -64,8 +64,12 @@ def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel.
 
     Inputs of fewer than `FEW_CHANNELS` channels (images) go through
-    `_space_to_depth_conv`, which computes the same sums.
+    `_space_to_depth_conv`, which computes the same sums. Sizes must be even, as they are in
+    both networks, so that the adjoint maps back onto the same shape.
     """
+    if x.shape[1] % 2 or x.shape[2] % 2:
+        raise ValueError(f"A stride-2 convolution here needs an even height and width, "
+                         f"got {x.shape[1]}x{x.shape[2]}")
     if kernel.shape[2] < FEW_CHANNELS:
         return _space_to_depth_conv(x, kernel)
     return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
@@ -95,28 +99,32 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=_NHWC)
 
 
+def _conv_transpose_by_space_to_depth(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of `_space_to_depth_conv(., kernel)`: a stride-1 convolution."""
+    b, h, w, _ = x.shape
+    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
+    return jax.linear_transpose(lambda u: _space_to_depth_conv(u, kernel), primal)(x)[0]
+
+
+def _conv_transpose_input_dilated(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of the direct strided convolution, as flax's nn.ConvTranspose has it."""
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=_NHWC, transpose_kernel=True)
+
+
 def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's ConvTranspose2d(k=4, s=2, p=1): the adjoint of `_stride2_conv(., kernel)`.
 
     It serves as G's upsampling and as the input gradient of D's strided convolutions.
-    With few channels, and on CPUs, it is the adjoint of `_space_to_depth_conv`: a stride-1
-    convolution, which XLA's CPU backend runs faster than the input-dilated form
-    (35 against 87 ms for 128 -> 64 channels at 32x32, batch 64). Elsewhere cuDNN's own
-    kernel for the transposed convolution is used.
+    With few channels, and on CPUs, it is `_conv_transpose_by_space_to_depth`, which XLA's
+    CPU backend runs faster than the input-dilated form (35 against 87 ms for 128 -> 64
+    channels at 32x32, batch 64). Elsewhere the backend's own transposed convolution (cuDNN's
+    on NVIDIA GPUs) is used.
     """
-    def as_space_to_depth(x, kernel):
-        b, h, w, _ = x.shape
-        output = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
-        return jax.linear_transpose(lambda u: _space_to_depth_conv(u, kernel), output)(x)[0]
-
-    def as_input_dilated(x, kernel):
-        return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
-                                      dimension_numbers=_NHWC, transpose_kernel=True)
-
     if kernel.shape[2] < FEW_CHANNELS:
-        return as_space_to_depth(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=as_space_to_depth,
-                                      default=as_input_dilated)
+        return _conv_transpose_by_space_to_depth(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=_conv_transpose_by_space_to_depth,
+                                      default=_conv_transpose_input_dilated)
 
 
 # Patches per loop step of `_kernel_grad_by_matmuls`: small enough to stay in a CPU's cache.
@@ -134,9 +142,9 @@ def _kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) 
     """The kernel gradient of `_stride2_conv` as patches of x times the output's gradient,
     summed over chunks of the batch in a loop.
 
-    A chunk's patches take about `PATCH_CHUNK_BYTES` per device: chunk k holds images
-    k, k + n, k + 2n, ... (n chunks), so that each device reads only its own shard of the
-    batch, which is sharded over all devices.
+    A chunk's patches take at most `PATCH_CHUNK_BYTES` per device when the batch is
+    sharded over all devices, as the train step shards it: chunk k holds images k, k + n,
+    k + 2n, ... (n chunks), so that each device reads only its own shard.
     """
     b, _, _, c = x.shape
     h, w = grad_y.shape[1:3]
@@ -148,32 +156,36 @@ def _kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) 
     xs = x.reshape(b // chunks, chunks, *x.shape[1:])
     gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
 
+    accumulator = jnp.promote_types(x.dtype, jnp.float32)
+
     def add_chunk(k, total):
         x_k = jax.lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False)
         g_k = jax.lax.dynamic_index_in_dim(gs, k, axis=1, keepdims=False)
         return total + jnp.einsum("bhwk,bhwc->kc", _patches(x_k, h, w), g_k,
-                                  preferred_element_type=jnp.float32)
+                                  preferred_element_type=accumulator)
 
     total = jax.lax.fori_loop(0, chunks, add_chunk,
-                              jnp.zeros((16 * c, grad_y.shape[-1]), jnp.float32))
+                              jnp.zeros((16 * c, grad_y.shape[-1]), accumulator))
     return total.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _kernel_grad_by_convolution(x: jax.Array, grad_y: jax.Array,
+                                kernel: jax.Array) -> jax.Array:
+    """The kernel gradient as autodiff of `_stride2_conv` takes it."""
+    return jax.vjp(lambda k: _stride2_conv(x, k), kernel)[1](grad_y)[0]
 
 
 def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
     """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
 
-    On CPUs it is `_kernel_grad_by_matmuls`: XLA's CPU backend computes this reduction as a
-    convolution 1 to 10 times slower (150 against 40 ms for 64 channels at 32x32, 2.2 against
-    0.23 s at 64x64, batch 64; benchmarks/NOTES.md). Accelerators' convolution libraries
-    have kernels for it.
+    On CPUs it is `_kernel_grad_by_matmuls`: XLA's CPU backend runs the convolution form
+    as fast at best and up to 10 times slower (150 against 40 ms for 64 channels at 32x32,
+    2.2 against 0.23 s at 64x64, batch 64; benchmarks/NOTES.md). Accelerators' convolution
+    libraries have kernels for it.
     """
-    def as_convolution(x, grad_y):
-        return jax.vjp(lambda k: _stride2_conv(x, k), kernel)[1](grad_y)[0]
-
-    def as_matmuls(x, grad_y):
-        return _kernel_grad_by_matmuls(x, grad_y, kernel)
-
-    return jax.lax.platform_dependent(x, grad_y, cpu=as_matmuls, default=as_convolution)
+    return jax.lax.platform_dependent(
+        x, grad_y, cpu=lambda x, g: _kernel_grad_by_matmuls(x, g, kernel),
+        default=lambda x, g: _kernel_grad_by_convolution(x, g, kernel))
 
 
 @jax.custom_vjp

@@ -160,7 +160,7 @@ def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatc
     on CPUs, one image per chunk with chunk_bytes=1) equal the direct convolution and its
     autodiff."""
     from dcgan_jax import models
-    from dcgan_jax.models import downsample_conv
+    downsample_conv = models.downsample_conv
     if chunk_bytes:
         monkeypatch.setattr(models, "PATCH_CHUNK_BYTES", chunk_bytes)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side, channels))
@@ -174,3 +174,35 @@ def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatc
     theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
     for a, b in zip(ours, theirs):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("c_in,c_out,side", [(1, 8, 8), (3, 16, 16), (9, 4, 8), (16, 8, 16)])
+def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side):
+    """Each form of the adjoint and of the kernel gradient, including those only GPUs and
+    TPUs take (input-dilated transposition, convolution kernel gradient), equals the
+    transposition and autodiff of the direct convolution."""
+    from dcgan_jax import models
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(c_in), 3)
+    x = jax.random.normal(kx, (4, side, side, c_in))
+    kernel = jax.random.normal(kk, (4, 4, c_in, c_out))
+    grad_y = jax.random.normal(kg, (4, side // 2, side // 2, c_out))
+    direct = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def close(a, b):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+    close(models._space_to_depth_conv(x, kernel), direct(x, kernel))
+    adjoint = jax.linear_transpose(lambda u: direct(u, kernel), x)(grad_y)[0]
+    close(models._conv_transpose_by_space_to_depth(grad_y, kernel), adjoint)
+    close(models._conv_transpose_input_dilated(grad_y, kernel), adjoint)
+    kernel_grad = jax.vjp(lambda k: direct(x, k), kernel)[1](grad_y)[0]
+    close(models._kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
+    close(models._kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
+
+
+def test_strided_convolution_rejects_odd_sizes():
+    from dcgan_jax.models import downsample_conv
+    with pytest.raises(ValueError, match="even height and width, got 9x8"):
+        downsample_conv(jnp.zeros((1, 9, 8, 16)), jnp.zeros((4, 4, 16, 4)))
