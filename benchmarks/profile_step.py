@@ -6,7 +6,8 @@ The step (pytorch/examples' settings, `jax_step.py`) is compiled, warmed up and 
 wall clock, then run again under `jax.profiler.trace`. Each operation of the compiled step
 (a cuDNN convolution, a fusion, a copy...) is matched with its line in the optimised HLO,
 which names its kind, its output shape and the JAX code it came from. On a CPU, independent
-operations run concurrently, so their times can add up to more than the wall time. Only
+operations run concurrently, so their times can add up to more than the wall time, and some
+convolutions are recorded at a fraction of their cost (see benchmarks/NOTES.md). Only
 jax, flax, optax and absl are needed.
 """
 

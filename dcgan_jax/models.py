@@ -60,7 +60,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 FEW_CHANNELS = 8
 
 # Batch chunks of the patch-matrix forms XLA's CPU backend runs (benchmarks/NOTES.md): each
-# chunk's patches take about this many bytes per device, so that they stay in cache.
+# chunk's patches take at most this many bytes per device (and at least one image), so that
+# they stay in cache. Kernel gradients raise theirs to the gradient's size.
 CONV_CHUNK_BYTES = 8 * 1024 * 1024
 KERNEL_GRAD_CHUNK_BYTES = 2 * 1024 * 1024
 
@@ -70,7 +71,7 @@ PATCHES_MIN_CHANNELS = 128
 
 # On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
 # input gradient, G's first upsampling) are one matrix product and its scatter.
-MATMUL_MAX_PIXELS = 16
+PATCHES_TRANSPOSE_MAX_PIXELS = 16
 
 
 def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -79,15 +80,17 @@ def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Sizes must be even, as they are in both networks, so that the adjoint maps back onto
     the same shape. Inputs of fewer than `FEW_CHANNELS` channels (images) go through
     `_space_to_depth_conv`. On CPUs, inputs of `PATCHES_MIN_CHANNELS` or more go through
-    `_conv_by_patches`, which XLA's CPU backend runs up to 1.7 times faster than the
-    direct form (110 against 185 ms for 128 -> 256 channels at 32x32, batch 64).
+    `_conv_by_patches`, which XLA's CPU backend runs up to 1.8 times faster than the
+    direct form (110 against 194 ms for 512 -> 1024 channels at 8x8, batch 64).
     """
     if x.shape[1] % 2 or x.shape[2] % 2:
         raise ValueError(f"A stride-2 convolution here needs an even height and width, "
                          f"got {x.shape[1]}x{x.shape[2]}")
     form = _accelerator_form(kernel)
-    if form is _direct_conv and x.shape[-1] >= PATCHES_MIN_CHANNELS:
-        return jax.lax.platform_dependent(x, kernel, cpu=_conv_by_patches, default=form)
+    if kernel.shape[2] >= PATCHES_MIN_CHANNELS:
+        # A fresh function, so that each trace reads the chunk size anew.
+        return jax.lax.platform_dependent(
+            x, kernel, cpu=lambda x, k: _conv_by_patches(x, k), default=form)
     return form(x, kernel)
 
 
@@ -126,7 +129,9 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _conv_transpose_by_space_to_depth(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The adjoint of `_space_to_depth_conv(., kernel)`: a stride-1 convolution."""
-    return _adjoint(_space_to_depth_conv, x, kernel)
+    b, h, w, _ = x.shape
+    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
+    return jax.linear_transpose(lambda u: _space_to_depth_conv(u, kernel), primal)(x)[0]
 
 
 def _conv_transpose_input_dilated(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -155,12 +160,16 @@ def _batch_chunks(batch: int, image_bytes: int, chunk_bytes: int) -> int:
     return batch // (per_device * devices)
 
 
+def _accumulator(dtype: Any) -> Any:
+    """The dtype matrix products of `dtype` accumulate in: float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _patch_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`_stride2_conv` as the patches of x times the kernel, one matrix product."""
     h, w = x.shape[1] // 2, x.shape[2] // 2
-    accumulator = jnp.promote_types(x.dtype, jnp.float32)
     y = jnp.einsum("bhwk,ko->bhwo", _patches(x, h, w), kernel.reshape(-1, kernel.shape[-1]),
-                   preferred_element_type=accumulator)
+                   preferred_element_type=_accumulator(x.dtype))
     return y.astype(x.dtype)
 
 
@@ -169,8 +178,6 @@ def _conv_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
     h, w = height // 2, width // 2
     chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, CONV_CHUNK_BYTES)
-    if chunks == 1:
-        return _patch_product(x, kernel)
     xs = x.reshape(b // chunks, chunks, height, width, c)
 
     def convolve_chunk(k, ys):
@@ -184,15 +191,14 @@ def _conv_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _conv_transpose_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The adjoint of `_patch_product(., kernel)`: x times the kernel's transpose, each
-    row added back onto the 16 input pixels its patch came from."""
-    return _adjoint(_patch_product, x, kernel)
-
-
-def _adjoint(conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
-             kernel: jax.Array) -> jax.Array:
+    row added back onto the 16 input pixels its patch came from (the adjoint of
+    `_patches`), all in the accumulator's precision."""
     b, h, w, _ = x.shape
-    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
-    return jax.linear_transpose(lambda u: conv(u, kernel), primal)(x)[0]
+    accumulator = _accumulator(x.dtype)
+    rows = jnp.einsum("bhwo,ko->bhwk", x, kernel.reshape(-1, kernel.shape[-1]),
+                      preferred_element_type=accumulator)
+    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), accumulator)
+    return jax.linear_transpose(lambda u: _patches(u, h, w), primal)(rows)[0].astype(x.dtype)
 
 
 def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -201,13 +207,13 @@ def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     It serves as G's upsampling and as the input gradient of D's strided convolutions.
     With few channels it is `_conv_transpose_by_space_to_depth`. On CPUs it is that too,
     which XLA's CPU backend runs faster than the input-dilated form (35 against 87 ms for
-    128 -> 64 channels at 32x32, batch 64), or `_conv_transpose_by_patches` from 4x4
-    (28 against 51 ms for 512 -> 256 channels). Elsewhere the backend's own transposed
-    convolution (cuDNN's on NVIDIA GPUs) is used.
+    128 -> 64 channels at 32x32, batch 64), or from 4x4 `_conv_transpose_by_patches`
+    (28 ms for 512 -> 256 channels, against the space-to-depth form's 51). Elsewhere the
+    backend's own transposed convolution (cuDNN's on NVIDIA GPUs) is used.
     """
     if kernel.shape[2] < FEW_CHANNELS:
         return _conv_transpose_by_space_to_depth(x, kernel)
-    cpu = (_conv_transpose_by_patches if x.shape[1] * x.shape[2] <= MATMUL_MAX_PIXELS
+    cpu = (_conv_transpose_by_patches if x.shape[1] * x.shape[2] <= PATCHES_TRANSPOSE_MAX_PIXELS
            else _conv_transpose_by_space_to_depth)
     return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=_conv_transpose_input_dilated)
 
@@ -223,7 +229,7 @@ def _kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) 
     """
     b, _, _, c = x.shape
     h, w = grad_y.shape[1:3]
-    accumulator = jnp.promote_types(x.dtype, jnp.float32)
+    accumulator = _accumulator(x.dtype)
     chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, kernel.size * accumulator.itemsize)
     chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, chunk_bytes)
     xs = x.reshape(b // chunks, chunks, *x.shape[1:])

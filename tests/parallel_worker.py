@@ -1,6 +1,8 @@
 """Three train steps of the tiny config on every device of every process; prints JSON.
 
 Run by test_parallel.py under different device and process counts, which must agree.
+`--patch_forms` makes a CPU take its patch-matrix convolutions at every layer, one image
+per batch chunk, as it otherwise does only for wide layers.
 """
 
 import argparse
@@ -13,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dcgan_jax import parallel, step as step_lib  # noqa: E402
+from dcgan_jax import models, parallel, step as step_lib  # noqa: E402
 from tiny_config import tiny_config  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -21,7 +23,11 @@ parser.add_argument("--num_processes", type=int, default=1)
 parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--coordinator_address", default=None)
 parser.add_argument("--msg", action="store_true")
+parser.add_argument("--patch_forms", action="store_true")
 args = parser.parse_args()
+if args.patch_forms:
+    models.PATCHES_MIN_CHANNELS = models.FEW_CHANNELS
+    models.CONV_CHUNK_BYTES = models.KERNEL_GRAD_CHUNK_BYTES = 1
 
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -31,13 +37,16 @@ if args.num_processes > 1:
 config = tiny_config(train__batch_size=8, model__msg=args.msg)
 mesh = parallel.make_mesh()
 state = step_lib.create_train_state(config, mesh, total_steps=10)
-train_step = step_lib.make_train_step(config, mesh)
 batches = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 32, 32, 1), dtype=np.uint8)
 rows = 8 // jax.process_count()
-for real in batches:
-    local = real[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
-    state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
+local_batches = [real[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+                 for real in batches]
+global_batches = [parallel.global_batch(local, mesh, batch_axis=1) for local in local_batches]
+train_step = step_lib.make_train_step(config, mesh).lower(state, global_batches[0]).compile()
+for real in global_batches:
+    state, metrics = train_step(state, real)
 result = {k: float(v) for k, v in parallel.fetch(metrics).items()}
+result["loops"] = train_step.as_text().count(" while(")
 result["g_params_abs_sum"] = float(sum(np.abs(x).sum() for x in
                                        jax.tree.leaves(parallel.fetch(state.g.params))))
 result["devices"] = jax.device_count()

@@ -179,10 +179,11 @@ def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatc
 
 
 @pytest.mark.parametrize("c_in,c_out,side", [(1, 8, 8), (3, 16, 16), (9, 4, 8), (16, 8, 16)])
-def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side):
-    """Each form of the adjoint and of the kernel gradient, including those only GPUs and
-    TPUs take (input-dilated transposition, convolution kernel gradient), equals the
-    transposition and autodiff of the direct convolution."""
+def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeypatch):
+    """Each form of the convolution, its adjoint and its kernel gradient, including those
+    only GPUs and TPUs take (input-dilated transposition, convolution kernel gradient) and
+    the patch products in chunks of one image, equals the direct convolution, its
+    transposition and its autodiff."""
     from dcgan_jax import models
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(c_in), 3)
     x = jax.random.normal(kx, (4, side, side, c_in))
@@ -204,6 +205,27 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side):
     kernel_grad = jax.vjp(lambda k: direct(x, k), kernel)[1](grad_y)[0]
     close(models._kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
     close(models._kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
+    monkeypatch.setattr(models, "CONV_CHUNK_BYTES", 1)
+    close(models._conv_by_patches(x, kernel), direct(x, kernel))
+
+
+@pytest.mark.parametrize("form", ["_conv_by_patches", "_conv_transpose_by_patches",
+                                  "_conv_transpose_by_space_to_depth"])
+def test_patch_forms_in_bfloat16_round_like_the_direct_form(form):
+    """In bfloat16 the patch products accumulate, and scatter, in float32: their error
+    against float32 is that of the direct (or input-dilated) bfloat16 form, not larger."""
+    from dcgan_jax import models
+    transposed = "transpose" in form
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (4, 4, 4, 64) if transposed else (4, 8, 8, 64))
+    kernel = jax.random.normal(kk, (4, 4, 64, 64)) / 32.0
+    reference = (models._conv_transpose_input_dilated if transposed else models._direct_conv)
+    exact = reference(x, kernel)
+    ours = getattr(models, form)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    theirs = reference(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    assert ours.dtype == jnp.bfloat16
+    error = lambda y: float(np.abs(np.asarray(y, np.float32) - exact).max())  # noqa: E731
+    assert error(ours) <= 1.5 * error(theirs)
 
 
 def test_strided_convolution_rejects_odd_sizes():

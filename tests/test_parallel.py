@@ -33,6 +33,16 @@ def test_one_and_four_devices_agree(msg):
     assert_close(one, four)
 
 
+def test_chunked_patch_forms_on_four_devices_agree_with_direct_forms():
+    """The CPU's patch-matrix convolutions and kernel gradients, at every layer and one
+    image per chunk, on a batch sharded over four devices, train as the direct forms do on
+    one device."""
+    direct = result_of(run([WORKER], devices=1).stdout)
+    patches = result_of(run([WORKER, "--patch_forms"], devices=4).stdout)
+    assert patches["loops"] > direct["loops"]
+    assert_close(direct, patches)
+
+
 def test_two_hosts_agree_with_one():
     single = result_of(run([WORKER], devices=4).stdout)
     port = portpicker.pick_unused_port()
