@@ -27,7 +27,8 @@ def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleName
     train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
                                   beta2=BETAS[1], lr_decay=False, d_steps=1,
                                   label_smoothing=0.0, ema_decay=0.0)
-    return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train)
+    data = types.SimpleNamespace(random_flip=False)
+    return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train, data=data)
 
 
 def compiled_step(config: types.SimpleNamespace) -> tuple[Any, step_lib.GANState, jax.Array,

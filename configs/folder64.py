@@ -8,7 +8,6 @@ def get_config():
     config.dataset = "folder:data/images"
     config.data.crop = "center"
     config.data.random_flip = True
-    config.data.num_workers = 4
     config.train.batch_size = 64
     config.train.num_epochs = 50
     return config

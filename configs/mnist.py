@@ -13,7 +13,6 @@ def get_config():
     config.train.batch_size = 32
     config.train.num_epochs = 16
     config.train.ema_decay = 0.999
-    config.data.num_workers = 0
     config.log_every = 50
     config.sample_every = 250
     config.ckpt_every = 500

@@ -49,11 +49,13 @@ def make_manager(workdir: str, keep: int = 3, read_only: bool = False,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: step_lib.GANState,
-         data_iterator: Any = None, metrics: dict[str, float] | None = None) -> None:
-    """Saves asynchronously; `metrics` (an evaluation's FID) rank it among the best."""
+         data_position: Any = None, metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously; `data_position` is anything with grain's `get_state()` (the
+    pipeline after this step's batch); `metrics` (an evaluation's FID) rank it among the
+    best."""
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if data_position is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_position)
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
 
 
@@ -94,11 +96,13 @@ def read_run_config(workdir: str) -> Any:
 
 
 def check_resumable(config: Any, workdir: str) -> None:
-    """Refuses to resume with other networks, or another worker count than the saved
-    data position was taken with."""
+    """Refuses to resume with other networks, or with another data path or (when decoding
+    every epoch) worker count than the saved data position was taken with."""
     saved = config_lib.flatten(read_run_config(workdir))
+    position_fields = {"data.prepared"} | (
+        {"data.num_workers"} if config.data.prepared == "off" else set())
     for name, value in config_lib.flatten(config).items():
-        if not (name.startswith("model.") or name == "data.num_workers"):
+        if not (name.startswith("model.") or name in position_fields):
             continue
         if (saved_value := saved.get(name)) != value:
             raise CheckpointError(

@@ -17,6 +17,7 @@ from dcgan_jax.models import MAX_RESOLUTION, MIN_RESOLUTION, MSG_COMBINES
 
 FID_DIMS = tuple(BLOCK_BY_DIMS)
 DTYPES = ("float32", "bfloat16")
+PREPARED_MODES = ("auto", "off")
 DATASET_PATTERN = re.compile(
     r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+|kaggle:[\w.-]+/[\w.-]+)$")
 
@@ -48,12 +49,18 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
     config.data.crop = "center"
+    # Horizontal flips of half the real images, drawn on the device from (seed, step).
     config.data.random_flip = False
-    # Grain decoding processes; 0 decodes in the training process.
-    config.data.num_workers = 2
+    # 'auto': decode each process's shard once into data.cache_dir/prepared (reused while
+    # the source is unchanged) and serve whole batches from it; 'off': decode every image
+    # in every epoch.
+    config.data.prepared = "auto"
+    # Decoding processes where images are decoded while training (data.prepared='off') and
+    # for FID reference statistics; -1: one per core; 0: in the training process.
+    config.data.num_workers = -1
     config.data.prefetch = 4
-    # Where Kaggle downloads, the FID weights and reference statistics are kept; empty means
-    # ~/.cache/dcgan_jax.
+    # Where prepared data, Kaggle downloads, the FID weights and reference statistics are
+    # kept; empty means ~/.cache/dcgan_jax.
     config.data.cache_dir = ""
     # Where tfds datasets are prepared; empty means tfds's default (~/tensorflow_datasets).
     config.data.tfds_data_dir = ""
@@ -166,8 +173,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
              f"config.dataset={config.dataset!r} must be 'demo:mnist', 'tfds:NAME[:SPLIT]', "
              f"'folder:PATH' or 'kaggle:OWNER/DATASET'")
     _validate_crop(config.data.crop)
-    _require(config.data.num_workers >= 0,
-             f"config.data.num_workers={config.data.num_workers} must be 0 or more")
+    _require(config.data.prepared in PREPARED_MODES,
+             f"config.data.prepared={config.data.prepared!r} must be one of {PREPARED_MODES}")
+    _require(config.data.num_workers >= -1,
+             f"config.data.num_workers={config.data.num_workers} must be -1 (one per core), "
+             f"0 (none) or more")
     _require(config.data.prefetch >= 1,
              f"config.data.prefetch={config.data.prefetch} must be at least 1")
 

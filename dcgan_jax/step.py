@@ -127,11 +127,24 @@ def latent_sequence(seed: int | jax.Array, indices: jax.Array, nz: int) -> jax.A
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (nz,)))(indices)
 
 
+# The key stream of flips: beyond the D updates' indices in `latent_batch`.
+FLIP_STREAM = 2**31 - 1
+
+
+def random_flips(images: jax.Array, rng: jax.Array, step: jax.Array) -> jax.Array:
+    """Each image [..., H, W, C] mirrored left-right with probability 1/2, a pure function of
+    (rng, step, index): runs on any device count, and resumed runs, flip alike."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, step), FLIP_STREAM)
+    flip = jax.random.bernoulli(key, 0.5, images.shape[:-3])
+    return jnp.where(flip[..., None, None, None], jnp.flip(images, axis=-2), images)
+
+
 def train_step(state: GANState, real: jax.Array, config: Any,
                latent_sharding: Any = None) -> tuple[GANState, Metrics]:
     """`d_steps` D updates on real[i] and fresh fakes, then one G update.
 
-    `real` is [d_steps, batch, H, W, C], uint8 or in [-1, 1]. G's update reuses the fake batch of
+    `real` is [d_steps, batch, H, W, C], uint8 or in [-1, 1], flipped here when
+    config.data.random_flip. G's update reuses the fake batch of
     the last D update (as pytorch/examples does): its forward pass is kept as a VJP, so
     G runs once per D update and no forward pass is recomputed.
     """
@@ -139,6 +152,8 @@ def train_step(state: GANState, real: jax.Array, config: Any,
     m, t = config.model, config.train
     scales = num_scales(m.resolution, m.msg)
     batch = real.shape[1]
+    if config.data.random_flip:
+        real = random_flips(real, state.rng, state.step)
     if jnp.issubdtype(real.dtype, jnp.integer):
         real = real.astype(jnp.float32) / 127.5 - 1.0
 

@@ -7,9 +7,10 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from dcgan_jax import checkpoints, data, images, parallel, reporting
@@ -45,6 +46,17 @@ def _stop_requests() -> threading.Event:
     return requested
 
 
+def is_due(every: int, step: int, total_steps: int) -> bool:
+    """Whether a periodic action runs after `step`: every `every` steps, and at the last."""
+    return step % every == 0 or step == total_steps
+
+
+def _say_every_process(line: str) -> None:
+    """A line from each process (they prepare their own shards), named when several."""
+    prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(prefix + line, flush=True)
+
+
 def _write_config(config: Any, workdir: str) -> None:
     if jax.process_index() == 0:
         path = os.path.join(workdir, "config.json")
@@ -72,7 +84,8 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
         reporting.parameter_table("Discriminator", state.d.params))
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints,
                                        keep_best_fid=config.eval.every > 0)
-    iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count())
+    iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count(),
+                                  say=_say_every_process)
     start = manager.latest_step() or 0
     if start:
         checkpoints.check_resumable(config, workdir)
@@ -93,10 +106,13 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                         images.make_grid(real, config.sample_grid))
 
     train_step = step_lib.make_train_step(config, mesh)
-    generate = jax.jit(functools.partial(step_lib.generate_images, config=config),
-                       static_argnames="use_ema", out_shardings=parallel.replicated(mesh))
-    all_finite = jax.jit(step_lib.all_finite)
     noise = jax.device_put(benchmark_noise(config), parallel.replicated(mesh))
+    # Compiled now, at start-up, rather than inside the timed steps at the first grid or save.
+    generate = {use_ema: jax.jit(
+        functools.partial(step_lib.generate_images, config=config, use_ema=use_ema),
+        out_shardings=parallel.replicated(mesh)).lower(state, noise).compile()
+        for use_ema in ([False, True] if state.ema is not None else [False])}
+    all_finite = jax.jit(step_lib.all_finite).lower(state).compile()
 
     reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
                                   config.train.batch_size * config.train.d_steps,
@@ -108,24 +124,32 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
         say(evaluator.reference_line)
     stop = _stop_requests()
     unreadable = data.UnreadableReport()
+    batches = data.DeviceBatches(iterator, mesh, config.train.d_steps, unreadable.add)
 
-    def write_samples(step: int) -> None:
-        variants = [("", False)] + ([("_ema", True)] if state.ema is not None else [])
-        for suffix, use_ema in variants:
-            grid = images.make_grid(
-                images.to_uint8(parallel.fetch(generate(state, noise, use_ema=use_ema))),
-                config.sample_grid)
-            if jax.process_index() == 0:
-                images.save_png(os.path.join(samples_dir, f"step_{step:07d}{suffix}.png"), grid)
-            reporter.write_image(step, f"samples{suffix}", grid)
+    # Host work on a step's results (writing grids, saving checkpoints) is started on the
+    # device at that step and finished after the next step is queued, so the device is not
+    # left idle while the host waits for it, fetches, encodes or writes.
+    def write_samples(step: int) -> Callable[[], None]:
+        generated = [("_ema" if use_ema else "", fn(state, noise))
+                     for use_ema, fn in generate.items()]
 
-    def require_finite(step: int) -> None:
-        if not bool(parallel.fetch(all_finite(state))):
+        def finish() -> None:
+            for suffix, fakes in generated:
+                grid = images.make_grid(images.to_uint8(parallel.fetch(fakes)),
+                                        config.sample_grid)
+                if jax.process_index() == 0:
+                    images.save_png(os.path.join(samples_dir, f"step_{step:07d}{suffix}.png"),
+                                    grid)
+                reporter.write_image(step, f"samples{suffix}", grid)
+        return finish
+
+    def require_finite(step: int, finite: jax.Array) -> None:
+        if not bool(parallel.fetch(finite)):
             raise reporting.NonFiniteLossError(
                 f"parameters became non-finite by step {step}; not saved")
 
     def evaluate(step: int) -> dict[str, float]:
-        require_finite(step)
+        require_finite(step, all_finite(state))
         start_time = time.perf_counter()
         scores = evaluator(state)
         best = checkpoints.best_fid(manager)
@@ -135,41 +159,50 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                                   evaluator.describe(state), best)
         return scores
 
-    def save_checkpoint(step: int, scores: dict[str, float] | None) -> None:
-        require_finite(step)
-        checkpoints.save(manager, step, state, iterator, scores)
+    def save_checkpoint(step: int, position: data.Position,
+                        scores: dict[str, float] | None) -> Callable[[], None]:
+        finite = all_finite(state)
+        snapshot = jax.tree.map(jnp.copy, state)  # the next step donates `state`
+
+        def finish() -> None:
+            require_finite(step, finite)
+            checkpoints.save(manager, step, snapshot, position, scores)
+        return finish
 
     step = start
     compile_start = time.perf_counter()
     try:
         preempted = False
+        later: list[Callable[[], None]] = []
         for step in range(start + 1, total_steps + 1):
-            batch = next(iterator)
-            unreadable.add(batch)
-            local = batch["image"].reshape(config.train.d_steps, -1, *batch["image"].shape[1:])
-            state, metrics = train_step(state, parallel.global_batch(local, mesh, 1))
+            real, position = batches.take()
+            state, metrics = train_step(state, real)
+            if step < total_steps:
+                batches.prefetch()
+            for work in later:
+                work()
+            later = []
             if step == start + 1:
                 jax.block_until_ready(metrics)
                 say(f"Compiled and ran the first step in "
                     f"{time.perf_counter() - compile_start:.1f} s")
                 reporter.start_timer(step)
-            log = step % config.log_every == 0 or step == total_steps
-            reporter.push(step, metrics if log else None)
-            if step % steps_per_epoch == 0 or step == total_steps:
+            due = functools.partial(is_due, step=step, total_steps=total_steps)
+            reporter.push(step, metrics if due(config.log_every) else None)
+            if due(steps_per_epoch):
                 if warning := unreadable.message():
                     logging.warning("process %d: %s", jax.process_index(), warning)
-            if step % config.sample_every == 0 or step == total_steps:
-                write_samples(step)
-            scores = None
-            if evaluator and (step % config.eval.every == 0 or step == total_steps):
-                scores = evaluate(step)
+            if due(config.sample_every):
+                later.append(write_samples(step))
+            scores = evaluate(step) if evaluator and due(config.eval.every) else None
             preempted = (manager.reached_preemption(step) if jax.process_count() > 1
                          else stop.is_set())
-            if (step % config.ckpt_every == 0 or step == total_steps or preempted
-                    or scores is not None):
-                save_checkpoint(step, scores)
+            if due(config.ckpt_every) or preempted or scores is not None:
+                later.append(save_checkpoint(step, position, scores))
             if preempted:
                 break
+        for work in later:
+            work()
         reporter.flush()
     except reporting.NonFiniteLossError as error:
         manager.wait_until_finished()

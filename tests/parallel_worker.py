@@ -1,7 +1,7 @@
 """Three train steps of the tiny config on every device of every process; prints JSON.
 
 Run by test_parallel.py under different device and process counts, which must agree.
-`--patch_forms` makes a CPU take its patch-matrix convolutions at every layer, one image
+`--random_flip` flips real images on the device. `--patch_forms` makes a CPU take its patch-matrix convolutions at every layer, one image
 per batch chunk, as it otherwise does only for wide layers.
 """
 
@@ -24,6 +24,7 @@ parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--coordinator_address", default=None)
 parser.add_argument("--msg", action="store_true")
 parser.add_argument("--patch_forms", action="store_true")
+parser.add_argument("--random_flip", action="store_true")
 args = parser.parse_args()
 if args.patch_forms:
     models.PATCHES_MIN_CHANNELS = models.FEW_CHANNELS
@@ -34,7 +35,8 @@ if args.num_processes > 1:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)
 
-config = tiny_config(train__batch_size=8, model__msg=args.msg)
+config = tiny_config(train__batch_size=8, model__msg=args.msg,
+                     data__random_flip=args.random_flip)
 mesh = parallel.make_mesh()
 state = step_lib.create_train_state(config, mesh, total_steps=10)
 batches = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 32, 32, 1), dtype=np.uint8)

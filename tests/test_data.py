@@ -72,7 +72,7 @@ def test_other_formats_and_modes(tmp_path, name, mode):
 
 def test_pipeline_skips_and_counts_unreadable_files(image_folder):
     config = tiny_config(dataset=f"folder:{image_folder}", train__batch_size=4,
-                         model__channels=3)
+                         model__channels=3, data__prepared="off")
     source = data.open_source(config.dataset)
     iterator = data.make_pipeline(config, source, 0, 1)
     batches = [next(iterator) for _ in range(8)]  # two passes over 16 readable images
@@ -102,8 +102,9 @@ def test_demo_digits_and_shards():
     assert data.steps_per_epoch(config, source, 1) == 5000 // 16
 
 
-def test_resumed_iterator_continues_exactly():
-    config = tiny_config()
+@pytest.mark.parametrize("prepared", ["auto", "off"])
+def test_resumed_iterator_continues_exactly(prepared):
+    config = tiny_config(data__prepared=prepared)
     source = data.open_source(config.dataset)
     iterator = data.make_pipeline(config, source, 0, 1)
     for _ in range(3):
@@ -126,9 +127,11 @@ def test_errors_name_the_problem(tmp_path):
         data.steps_per_epoch(config, np.zeros((10, 28, 28), np.uint8), 1)
 
 
-def test_tfds_source_through_the_same_pipeline():
+@pytest.mark.parametrize("prepared", ["auto", "off"])
+def test_tfds_source_through_the_same_pipeline(prepared, tmp_path):
     import tensorflow_datasets as tfds
-    config = tiny_config(dataset="tfds:mnist:train", train__batch_size=4)
+    config = tiny_config(dataset="tfds:mnist:train", train__batch_size=4,
+                         data__prepared=prepared, data__cache_dir=str(tmp_path))
     with tfds.testing.mock_data(num_examples=12):
         source = data.open_source(config.dataset)
         assert len(source) == 12
@@ -169,7 +172,7 @@ def test_kaggle_reads_a_completed_download_without_network(tmp_path, image_folde
 
 def test_worker_processes_decode_and_resume(image_folder):
     config = tiny_config(dataset=f"folder:{image_folder}", train__batch_size=4,
-                         model__channels=3, data__num_workers=2)
+                         model__channels=3, data__num_workers=2, data__prepared="off")
     source = data.open_source(config.dataset)
     iterator = data.make_pipeline(config, source, 0, 1)
     next(iterator)
@@ -192,6 +195,6 @@ def test_figure_images_are_drawn_across_the_dataset():
 
 
 def test_crop_box_that_does_not_fit_is_a_config_error(image_folder):
-    loader = data.Loader(32, 3, "0,0,100,100", False)
+    loader = data.Loader(32, 3, "0,0,100,100")
     with pytest.raises(data.CropError, match=r"config.data.crop='0,0,100,100' .* 50x41 image"):
-        loader(str(image_folder / "a" / "img1.jpg"), np.random.default_rng(0))
+        loader(str(image_folder / "a" / "img1.jpg"))

@@ -67,9 +67,12 @@ def test_end_to_end_outputs(tmp_path):
     assert int(state.step) == 6 and state.ema is not None
 
 
-def test_resume_matches_an_unbroken_run(tmp_path):
-    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
-    overrides = {"train.num_steps": 8, "ckpt_every": 4, "train.ema_decay": 0.9}
+def test_resume_matches_an_unbroken_run_and_four_devices_match_one(tmp_path):
+    """Prepared data, flips on the device and two D updates per step: 4 + 4 steps equal 8,
+    and 4 simulated devices train as one does."""
+    unbroken, resumed, four = tmp_path / "unbroken", tmp_path / "resumed", tmp_path / "four"
+    overrides = {"train.num_steps": 8, "ckpt_every": 4, "train.ema_decay": 0.9,
+                 "data.random_flip": True, "train.d_steps": 2}
     run(main_args(unbroken, **overrides))
     run(main_args(resumed, **{**overrides, "train.num_steps": 4}))
     second = run(main_args(resumed, **overrides))
@@ -79,6 +82,10 @@ def test_resume_matches_an_unbroken_run(tmp_path):
         np.testing.assert_array_equal(x, y)
     steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
+    run(main_args(four, **{**overrides, "train.num_steps": 4}), devices=4)
+    one, many = restore_state(unbroken, 4), restore_state(four, 4)
+    for x, y in zip(params_of(one), params_of(many), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_sigterm_saves_and_the_next_run_continues(tmp_path):
@@ -157,7 +164,7 @@ def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
             folder / f"{i:02d}.jpg")
     (folder / "broken.jpg").write_bytes((folder / "00.jpg").read_bytes()[:100])
     overrides = {"dataset": f"folder:{folder}", "data.num_workers": 2, "train.batch_size": 4,
-                 "train.num_steps": 5, "ckpt_every": 2}
+                 "train.num_steps": 5, "ckpt_every": 2, "data.prepared": "off"}
     result = run(main_args(tmp_path / "run", **overrides))
     assert "Done: 5 steps" in result.stdout
     warning = re.search(r"skipped \d+ unreadable image file\(s\) so far, e\.g\. (.*); they",
@@ -167,7 +174,7 @@ def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
     assert "Resumed from step 5" in resumed.stdout and "Done: 7 steps" in resumed.stdout
 
 
-def test_resume_refuses_other_networks_or_workers_and_keeps_the_saved_config(tmp_path):
+def test_resume_refuses_other_networks_or_data_path_and_keeps_the_saved_config(tmp_path):
     run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
     saved = (tmp_path / "config.json").read_text()
     result = run(main_args(tmp_path, **{"train.num_steps": 4, "model.ngf": 16}), check=False)
@@ -175,9 +182,9 @@ def test_resume_refuses_other_networks_or_workers_and_keeps_the_saved_config(tmp
     last = result.stderr.strip().splitlines()[-1]
     assert "config.model.ngf=16 differs from 8 in" in last and "--config.init_from=" in last
     assert (tmp_path / "config.json").read_text() == saved
-    workers = run(main_args(tmp_path, **{"train.num_steps": 4, "data.num_workers": 2}),
-                  check=False)
-    assert "config.data.num_workers=2 differs from 0 in" in workers.stderr.splitlines()[-1]
+    decode = run(main_args(tmp_path, **{"train.num_steps": 4, "data.prepared": "off"}),
+                 check=False)
+    assert "config.data.prepared='off' differs from 'auto' in" in decode.stderr.splitlines()[-1]
 
 
 def test_truncate_metrics_drops_later_and_broken_lines(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,9 +25,8 @@ def assert_close(a: dict, b: dict, rel: float = 1e-4) -> None:
         assert a[key] == pytest.approx(b[key], rel=rel), key
 
 
-@pytest.mark.parametrize("msg", [False, True])
-def test_one_and_four_devices_agree(msg):
-    flags = ["--msg"] if msg else []
+@pytest.mark.parametrize("flags", [[], ["--msg"], ["--random_flip"]])
+def test_one_and_four_devices_agree(flags):
     one = result_of(run([WORKER, *flags], devices=1).stdout)
     four = result_of(run([WORKER, *flags], devices=4).stdout)
     assert one["devices"] == 1 and four["devices"] == 4
@@ -73,11 +73,24 @@ def run_two_hosts(args: list[str]) -> list[tuple[str, str]]:
     return outputs
 
 
-def test_training_run_on_two_hosts_saves_and_resumes(tmp_path):
-    (out, _), _ = run_two_hosts(main_args(tmp_path))
-    assert "over 2 process(es)" in out and "Done: 6 steps" in out
-    data_states = sorted(os.listdir(tmp_path / "checkpoints" / "6" / "data"))
+def test_training_run_on_two_hosts_prepares_saves_and_resumes(tmp_path):
+    """Each process prepares its own shard of the data, then both resume from it."""
+    cache = tmp_path / "cache"
+    (out, _), (out_1, _) = run_two_hosts(main_args(tmp_path / "run", **{
+        "data.cache_dir": cache, "train.num_steps": 4, "ckpt_every": 4}))
+    assert "over 2 process(es)" in out and "Done: 4 steps" in out
+    for index, output in enumerate((out, out_1)):
+        assert re.search(rf"process {index}: Preparing 2,500 records into .*shard{index}of2",
+                         output), output[-2000:]
+    assert sorted(p.name.split("-")[1] for p in (cache / "prepared").iterdir()) == [
+        "32x1", "32x1"]
+    data_states = sorted(os.listdir(tmp_path / "run" / "checkpoints" / "4" / "data"))
     assert data_states == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
-    (out, _), (second, _) = run_two_hosts(main_args(tmp_path, **{"train.num_steps": 8}))
-    assert "Resumed from step 6" in out and "Done: 8 steps" in out
-    assert "Config:" not in second and "Done:" not in second, "only process 0 reports"
+    positions = [json.loads((tmp_path / "run" / "checkpoints" / "4" / "data" /
+                             f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert all(p["offset"] == 4 * 8 and p["rows"] == 2500 for p in positions)
+    (resumed, _), (resumed_1, _) = run_two_hosts(main_args(tmp_path / "run", **{
+        "data.cache_dir": cache, "train.num_steps": 6, "ckpt_every": 4}))
+    assert "Resumed from step 4" in resumed and "Done: 6 steps" in resumed
+    assert "Preparing" not in resumed + resumed_1, "the prepared shards are reused"
+    assert "Config:" not in resumed_1 and "Done:" not in resumed_1, "only process 0 reports"

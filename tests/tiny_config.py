@@ -1,6 +1,12 @@
 """A tiny config, used by the tests directly and as `--config=tests/tiny_config.py`."""
 
+import os
+import tempfile
+
 from dcgan_jax.config import get_default_config
+
+# Prepared data of the tests, apart from the user's cache.
+TEST_CACHE = os.path.join(tempfile.gettempdir(), "dcgan_jax_test_cache")
 
 
 def tiny_config(**overrides):
@@ -17,6 +23,7 @@ def tiny_config(**overrides):
     config.model.nz = 16
     config.train.batch_size = 16
     config.data.num_workers = 0
+    config.data.cache_dir = TEST_CACHE
     config.sample_grid = 4
     for dotted, value in overrides.items():
         node = config
