@@ -2,7 +2,13 @@
 
 __version__ = "0.1.0"
 
-import jax as _jax
+import os as _os
+
+# TensorFlow only reads datasets and writes summaries here: its notices at start-up are noise.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import jax as _jax  # noqa: E402
 
 # JAX's default partitionable threefry takes seconds per random op to compile on CPUs. The
 # classic scheme gives the same numbers on any device count too, and a step draws few.

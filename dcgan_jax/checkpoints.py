@@ -6,9 +6,11 @@ only once complete, so a crash mid-save never damages the checkpoints already th
 
 from __future__ import annotations
 
+import errno
 import math
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grain
 import jax
@@ -20,7 +22,25 @@ from dcgan_jax import parallel, step as step_lib
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that was asked for is missing or cannot be read."""
+    """A checkpoint that was asked for is missing, cannot be read or cannot be written."""
+
+
+def _cause(error: BaseException) -> str:
+    """The reason of an orbax or tensorstore failure in a few words: the innermost error's
+    first line (orbax wraps tensorstore's, and appends pages of its spec)."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    text = str(error).strip()
+    if "No space left on device" in text or getattr(error, "errno", None) == errno.ENOSPC:
+        return "the disk is full"
+    if "Permission denied" in text or isinstance(error, PermissionError):
+        return "permission denied"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(" See full TensorStore details")[0][:300]
+
+
+# What a complete checkpoint folder holds besides the arrays (orbax writes them last).
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -56,7 +76,36 @@ def save(manager: ocp.CheckpointManager, step: int, state: step_lib.GANState,
     items = {"state": ocp.args.StandardSave(state)}
     if data_position is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_position)
-    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+    check_saves(manager)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+    except Exception as error:  # orbax and tensorstore raise many types
+        raise _save_failed(manager, error) from None
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointError:
+    """A save, maybe an earlier one finishing in the background, failed: one line."""
+    newest = manager.latest_step()
+    kept = (f"the checkpoints saved before are kept, the newest is step {newest}"
+            if newest is not None else "no checkpoint was saved before")
+    return CheckpointError(f"saving a checkpoint in {manager.directory} failed: "
+                           f"{_cause(error)}; {kept}")
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raises CheckpointError if a save running in the background has failed."""
+    try:
+        manager.check_for_errors()
+    except Exception as error:
+        raise _save_failed(manager, error) from None
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Waits for background saves; raises CheckpointError if one failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as error:
+        raise _save_failed(manager, error) from None
 
 
 def best_fid(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
@@ -79,12 +128,43 @@ def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    path = os.path.join(manager.directory, str(step))
+    missing = [name for name in REQUIRED_FILES if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} "
+                              f"missing")
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # orbax raises many types for unreadable files
-        raise CheckpointError(f"checkpoint {os.path.join(manager.directory, str(step))} "
-                              f"cannot be read: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
     return restored["state"]
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
+                            data_iterator: Any, say: Callable[[str], None]
+                            ) -> tuple[step_lib.GANState, int] | None:
+    """The state of the newest checkpoint that can be read, and its step; None if none can.
+
+    An unreadable one is reported in one line and moved aside into
+    WORKDIR/checkpoints_unreadable/ (never deleted), and the one before it is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, abstract_state, step, data_iterator), step
+        except CheckpointError as error:
+            aside = _move_aside(manager, step)
+            say(f"Warning: {error}; moved it to {aside}, trying the checkpoint before it")
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable")
+    aside = os.path.join(folder, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+        os.makedirs(folder, exist_ok=True)
+        os.replace(os.path.join(manager.directory, str(step)), aside)
+    manager.reload()
+    return aside
 
 
 def read_run_config(workdir: str) -> Any:

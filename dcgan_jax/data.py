@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -141,11 +142,32 @@ def open_source(dataset: str, cache_dir: str = "", tfds_data_dir: str = "") -> S
                     f"kaggle:")
 
 
+# Larger image files are skipped as unreadable: one such image decodes to 300 MB or more.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # MAX_PIXELS is checked instead, without Pillow's warnings
+# Modes Pillow's Image.reduce takes; palette and bilevel images are only cropped.
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F")
+STRIP_BYTES = 16 << 20
+
+
+def _open_file(path: str, resolution: int, crop: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The decoded image and the file's size in pixels. A JPEG at least four times
+    larger than needed decodes at a reduced scale (1/2 to 1/8, Pillow's draft), leaving
+    the final Lanczos resize at least a 2x reduction."""
+    image = Image.open(path)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} pixels, more than {MAX_PIXELS:,}")
+    if image.format == "JPEG":
+        left, top, right, bottom = crop_box(width, height, crop)
+        factor = min(right - left, bottom - top) / (2 * resolution)
+        if factor >= 2:
+            image.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
+    image.load()  # Decodes now, so that truncated files fail here.
+    return image, (width, height)
+
+
 def _to_pil(record: Any) -> Image.Image:
-    if isinstance(record, str):
-        image = Image.open(record)
-        image.load()  # Decodes now, so that truncated files fail here.
-        return image
     if isinstance(record, dict):
         record = record["image"]
     array = np.asarray(record)
@@ -181,10 +203,41 @@ def crop_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
     return left, top, left + w, top + h
 
 
+def _reduce_in_strips(image: Image.Image, factor: int,
+                      box: tuple[int, int, int, int]) -> Image.Image:
+    """Image.reduce of `box`, a strip of at most STRIP_BYTES at a time: Pillow copies a
+    whole image with alpha to premultiply it before reducing."""
+    left, top, right, bottom = box
+    width, height = (right - left) // factor, (bottom - top) // factor
+    rows = max(1, STRIP_BYTES // (4 * (right - left) * factor))
+    reduced = Image.new(image.mode, (width, height))
+    for row in range(0, height, rows):
+        end = min(height, row + rows)
+        strip = image.crop((left, top + row * factor, left + width * factor, top + end * factor))
+        reduced.paste(strip.reduce(factor), (0, row))
+    return reduced
+
+
 def preprocess(record: Any, resolution: int, channels: int, crop: str) -> np.ndarray:
-    """A record as uint8 [resolution, resolution, channels]."""
-    image = _convert_mode(_to_pil(record), channels)
-    image = image.crop(crop_box(image.width, image.height, crop))
+    """A record as uint8 [resolution, resolution, channels].
+
+    Memory stays near one decoded image: the crop is cut before the mode conversion, and a
+    crop at least four times larger than needed is first box-reduced by a whole factor.
+    """
+    if isinstance(record, str):
+        image, (width, height) = _open_file(record, resolution, crop)
+        scale = image.width / width  # below 1 when decoded at a reduced scale
+        box = tuple(min(round(v * scale), limit) for v, limit in
+                    zip(crop_box(width, height, crop), image.size * 2))
+    else:
+        image = _to_pil(record)
+        box = crop_box(image.width, image.height, crop)
+    factor = min(box[2] - box[0], box[3] - box[1]) // (2 * resolution)
+    if factor >= 2 and image.mode in REDUCIBLE_MODES:
+        image = _reduce_in_strips(image, factor, box)
+    else:
+        image = image.crop(box)
+    image = _convert_mode(image, channels)
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)

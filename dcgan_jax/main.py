@@ -6,16 +6,11 @@ command on the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import os
-import sys
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dcgan_jax import config as config_lib, parallel  # noqa: E402
+from dcgan_jax import cli, config as config_lib, parallel, workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples and logs.")
@@ -29,51 +24,37 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def fail(message: str) -> None:
-    sys.exit(f"dcgan_jax: error: {message}")
+PROGRAM = "dcgan_jax"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with a one-line error for a bad flag, field or config file."""
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as error:
-        fail(str(error).splitlines()[0])
-    except (AttributeError, KeyError):
-        fields = [arg[2:].split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
-        known = set(config_lib.flatten(config_lib.get_default_config()))
-        unknown = [f for f in fields if f.removeprefix("config.") not in known]
-        fail(f"--{unknown[0] if unknown else fields[0]} is not a known config field; "
-             f"see dcgan_jax/config.py")
-    try:
-        FLAGS.config.get("seed")  # A config that failed to load raises only on use.
-    except (OSError, SyntaxError, ImportError) as error:
-        filename = config_flags.get_config_filename(FLAGS["config"])
-        reason = "it does not exist" if not os.path.isfile(filename) else str(error).splitlines()[0]
-        fail(f"cannot load --config={filename}: {reason}")
-    return rest
+    return cli.parse_config_flags(PROGRAM, argv,
+                                  set(config_lib.flatten(config_lib.get_default_config())))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax and clu log every save at INFO.
+    cli.quiet_logs()
     try:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
-    except ValueError as error:  # ConfigError, or incomplete multi-host flags
-        fail(str(error))
+        workdir.create(FLAGS.workdir)
+        if jax.process_index() == 0:
+            workdir.ensure_free(FLAGS.workdir)
+    except ValueError as error:  # ConfigError, WorkdirError, incomplete multi-host flags
+        cli.fail(PROGRAM, str(error))
     # The input and logging stack loads only now: TensorFlow takes seconds to import.
-    from dcgan_jax import checkpoints, data, reporting, train
+    from dcgan_jax import checkpoints, data, prepared, reporting, train
     from dcgan_jax.evaluation import metrics, weights
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-            reporting.NonFiniteLossError, weights.WeightsError, metrics.MetricError) as error:
-        fail(str(error))
+            reporting.NonFiniteLossError, weights.WeightsError, metrics.MetricError,
+            workdir.WorkdirError, prepared.PreparedDataError) as error:
+        cli.fail(PROGRAM, str(error))
 
 
 if __name__ == "__main__":

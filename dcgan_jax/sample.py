@@ -5,13 +5,16 @@
 Modes:
   grid          a rows x cols PNG of samples
   files         --num individual PNG files in a folder (for FID tools)
-  interpolate   linear and spherical paths through --points latents, as PNG strips and GIFs
+  interpolate   linear and spherical paths through --points latents: a PNG each with one
+                row per segment, key points in the first and last columns, and a GIF each
   gif           the run's samples/step_*.png as an animated GIF of training
   real_vs_fake  real training images beside samples (reads the dataset)
   plot          losses and D outputs over steps from metrics.jsonl
-  fid           FID (and KID) over steps from the evaluations in metrics.jsonl
+  fid           FID (and KID) over steps from the evaluations in metrics.jsonl (a run
+                trained with --config.eval.every > 0)
   summary       parameter tables of G and D
 The averaged (EMA) generator is used when the run has one, unless --no_ema is given.
+GIFs narrower than 256 pixels are enlarged by a whole factor, nearest neighbour.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ flags.DEFINE_integer("num", 1000, "Images for `files`.")
 flags.DEFINE_integer("batch_size", 256, "Images per generator call for `files`; rounded "
                      "up to a multiple of the device count.")
 flags.DEFINE_integer("points", 4, "Latent points an interpolation passes through.")
-flags.DEFINE_integer("frames", 8, "Frames from one interpolation point to the next.")
+flags.DEFINE_integer("frames", 8, "Steps from one interpolation point to the next: a PNG "
+                     "row holds frames + 1 images.")
 flags.DEFINE_float("fps", 8.0, "Frames per second of GIFs.")
 flags.DEFINE_bool("no_ema", False, "Use G's raw weights even when the run averages them.")
 FLAGS = flags.FLAGS
@@ -100,6 +104,14 @@ def interpolation_path(points: np.ndarray, frames: int, method: str) -> np.ndarr
     return np.stack(path + [points[-1]]).astype(np.float32)
 
 
+def segment_rows(path_images: np.ndarray, frames: int) -> np.ndarray:
+    """The images of a whole path regrouped as one row per segment, each from its start key
+    point to its end key point, so a grid of them reads left to right row by row; the inner
+    key points end one row and start the next."""
+    return np.concatenate([path_images[i:i + frames + 1]
+                           for i in range(0, len(path_images) - 1, frames)])
+
+
 def output_path(workdir: str, default_name: str) -> str:
     """--out, or WORKDIR/figures/default_name; its folder is created."""
     path = FLAGS.out or os.path.join(workdir, "figures", default_name)
@@ -127,14 +139,16 @@ def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: 
 
 def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, fps: float,
                          prefix: str) -> list[str]:
+    """Per method, a PNG of `points - 1` rows of `frames + 1` images and a GIF walking the
+    whole path there and back; the paths of both methods pass through the same key points."""
     ends = sampler.latents(seed, points)
     written = []
     for method in ("linear", "slerp"):
-        strip = sampler.generate(interpolation_path(ends, frames, method))
-        images.save_png(f"{prefix}_{method}.png", images.make_grid(strip, points - 1))
-        squeeze = strip[..., 0] if strip.shape[-1] == 1 else strip
-        ping_pong = list(squeeze) + list(squeeze[-2:0:-1])  # loops without repeated frames
-        iio.imwrite(f"{prefix}_{method}.gif", ping_pong, duration=1000 / fps, loop=0)
+        walk = sampler.generate(interpolation_path(ends, frames, method))
+        images.save_png(f"{prefix}_{method}.png",
+                        images.make_grid(segment_rows(walk, frames), points - 1))
+        ping_pong = list(walk) + list(walk[-2:0:-1])  # loops without repeated frames
+        images.save_gif(f"{prefix}_{method}.gif", ping_pong, fps)
         written += [f"{prefix}_{method}.png", f"{prefix}_{method}.gif"]
     return written
 
@@ -147,7 +161,7 @@ def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
     if not frames:
         raise checkpoints.CheckpointError(
             f"no sample grids in {os.path.join(workdir, 'samples')}; train first")
-    iio.imwrite(path, [iio.imread(p) for p in frames], duration=1000 / fps, loop=0)
+    images.save_gif(path, [iio.imread(p) for p in frames], fps)
     return len(frames)
 
 
@@ -171,16 +185,16 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> Non
     plt.close(figure)
 
 
-def read_metrics(workdir: str, key: str) -> list[dict]:
-    """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations."""
+def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
+    """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations;
+    `absent` tells what to do when there are none."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise checkpoints.CheckpointError(f"{path} does not exist; train first")
     with open(path) as f:
         rows = [row for line in f if line.strip() and key in (row := json.loads(line))]
     if not rows:
-        hint = " (set config.eval.every to evaluate during training)" if key == "fid" else ""
-        raise checkpoints.CheckpointError(f"{path} holds no {key} values{hint}")
+        raise checkpoints.CheckpointError(f"{path} holds no {key} values{absent}")
     return rows
 
 
@@ -213,7 +227,10 @@ def write_fid_plot(workdir: str, path: str) -> tuple[int, dict]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_metrics(workdir, "fid")
+    rows = read_metrics(workdir, "fid", absent=(
+        ": the run was trained without evaluations. Train with --config.eval.every=N (N > 0; "
+        "the FID weights are fetched once, or given by --config.eval.fid_weights=PATH), or "
+        f"score a checkpoint with python -m dcgan_jax.evaluate --workdir={workdir}"))
     steps = [r["step"] for r in rows]
     best = min(rows, key=lambda r: r["fid"])
     has_kid = all("kid" in r for r in rows)

@@ -16,6 +16,7 @@ from absl import logging
 from dcgan_jax import checkpoints, data, images, parallel, reporting
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
+from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.reporting import say
 
 # Independent of config.seed, so that grids of different runs show the same latents.
@@ -33,10 +34,13 @@ def _stop_requests() -> threading.Event:
 
     def handler(signum, frame):
         del frame
+        name = signal.Signals(signum).name
         if requested.is_set():  # A second signal: stop now, without saving.
             signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        say(f"Received {signal.Signals(signum).name}: saving a checkpoint, then stopping "
+            say(f"Received {name} again: stopping without saving (exit status "
+                f"{128 + signum}); the checkpoints saved before are kept.")
+            raise SystemExit(128 + signum)
+        say(f"Received {name}: saving a checkpoint, then stopping "
             f"(send it again to stop without saving).")
         requested.set()
 
@@ -59,17 +63,23 @@ def _say_every_process(line: str) -> None:
 
 def _write_config(config: Any, workdir: str) -> None:
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
+        path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
         with open(path + ".tmp", "w") as f:
             f.write(config_lib.to_json(config))
         os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
-    """Trains until config's last step, resuming from the workdir's latest checkpoint."""
+    """Trains until config's last step, resuming from the workdir's newest readable
+    checkpoint; holds the workdir's lock (process 0) throughout."""
     config_lib.validate(config, jax.device_count(), jax.process_count())  # for API callers
+    workdir = workdir_lib.create(workdir)
+    with workdir_lib.locked(workdir, take=jax.process_index() == 0):
+        return _train(config, workdir)
+
+
+def _train(config: Any, workdir: str) -> step_lib.GANState:
     reporting.hide_gpus_from_tensorflow()
-    os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()
     source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
     steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
@@ -86,20 +96,24 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
                                        keep_best_fid=config.eval.every > 0)
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count(),
                                   say=_say_every_process)
-    start = manager.latest_step() or 0
-    if start:
+    start = 0
+    if manager.all_steps():
         checkpoints.check_resumable(config, workdir)
-        state = checkpoints.restore(manager, step_lib.abstract_train_state(
-            config, mesh, total_steps), start, iterator)
-        say(f"Resumed from step {start} in {manager.directory}")
-    elif config.init_from:
+        restored = checkpoints.restore_newest_readable(
+            manager, step_lib.abstract_train_state(config, mesh, total_steps), iterator, say)
+        if restored is None:
+            say(f"Warning: no checkpoint in {manager.directory} can be read; starting anew")
+        else:
+            state, start = restored
+            say(f"Resumed from step {start} in {manager.directory}")
+    if not start and config.init_from:
         state = checkpoints.load_weights(config.init_from, state, mesh)
         say(f"Starting from the weights of {config.init_from}")
     _write_config(config, workdir)  # Only now: a refused resume leaves the old one in place.
     if jax.process_index() == 0:
-        reporting.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        reporting.truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
 
-    samples_dir = os.path.join(workdir, "samples")
+    samples_dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(samples_dir, "real.png")):
         real = data.sample_images(config, source, config.sample_grid ** 2)
         images.save_png(os.path.join(samples_dir, "real.png"),
@@ -182,6 +196,7 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
             for work in later:
                 work()
             later = []
+            checkpoints.check_saves(manager)
             if step == start + 1:
                 jax.block_until_ready(metrics)
                 say(f"Compiled and ran the first step in "
@@ -205,14 +220,14 @@ def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
             work()
         reporter.flush()
     except reporting.NonFiniteLossError as error:
-        manager.wait_until_finished()
+        checkpoints.finish_saves(manager)
         last_good = manager.latest_step()
         kept = (f"the last good checkpoint is step {last_good} in {manager.directory}"
                 if last_good is not None else "no checkpoint was saved before it")
         raise reporting.NonFiniteLossError(
             f"{error}; stopped: {kept}. Lower config.train.lr_d and lr_g") from None
     finally:
-        manager.wait_until_finished()
+        checkpoints.finish_saves(manager)
     if preempted:
         say(f"Stopped at step {step}; checkpoint saved. Run the same command to resume.")
     else:

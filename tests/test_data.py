@@ -198,3 +198,39 @@ def test_crop_box_that_does_not_fit_is_a_config_error(image_folder):
     loader = data.Loader(32, 3, "0,0,100,100")
     with pytest.raises(data.CropError, match=r"config.data.crop='0,0,100,100' .* 50x41 image"):
         loader(str(image_folder / "a" / "img1.jpg"))
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from dcgan_jax import data
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = data.preprocess(sys.argv[1], 64, 3, "center")
+print(image.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_huge_image_costs_no_more_than_its_decode(tmp_path):
+    """A 4000x4000 image with alpha decodes to 64 MB (4 bytes a pixel): its peak stays near
+    that (Pillow would copy it twice more); a JPEG decodes at 1/8 scale."""
+    from helpers import run
+    side = 4000
+    gradient = np.linspace(0, 255, side, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(gradient[:, None], gradient[None, :],
+                                          np.uint8(90), np.uint8(200)), axis=-1)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "huge.png", compress_level=1)
+    Image.fromarray(pixels[..., :3]).save(tmp_path / "huge.jpg", quality=90)
+    decoded = side * side * 4
+    peaks = {}
+    for name in ("huge.png", "huge.jpg"):
+        out = run(["-c", PEAK_SCRIPT, str(tmp_path / name)]).stdout.split()
+        assert out[:3] == ["(64,", "64,", "3)"]
+        peaks[name] = int(out[-1])
+    assert peaks["huge.png"] < 1.2 * decoded + (16 << 20), peaks
+    assert peaks["huge.jpg"] < 0.1 * decoded, peaks
+
+
+def test_an_image_over_the_pixel_bound_is_unreadable(image_folder, monkeypatch):
+    monkeypatch.setattr(data, "MAX_PIXELS", 63 * 63)
+    loader = data.Loader(32, 3, "center")
+    assert loader(str(image_folder / "img0.png"))["unreadable"].endswith("img0.png")
+    assert loader(str(image_folder / "gray.png"))["unreadable"] == ""

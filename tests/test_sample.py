@@ -61,9 +61,8 @@ def test_files_interpolate_and_summary(workdir, tmp_path):
                  f"--out={tmp_path / 'walk'}").stdout.split()
     assert sorted(out) == sorted(str(tmp_path / f"walk_{m}.{e}") for m in ("linear", "slerp")
                                  for e in ("png", "gif"))
-    strip = np.asarray(Image.open(tmp_path / "walk_slerp.png"))
-    assert strip.shape == (2 * 34 + 2, 5 * 34 + 2)  # 9 frames in 2 rows
-    assert iio.imread(tmp_path / "walk_linear.gif").shape[0] == 16  # there and back
+    gif = iio.imread(tmp_path / "walk_linear.gif", mode="L")
+    assert gif.shape == (16, 256, 256)  # there and back, 32 pixels enlarged 8 times
 
     summary = sample(workdir, "summary").stdout
     assert re.search(r"Generator: [\d,]+ parameters", summary)
@@ -73,8 +72,11 @@ def test_files_interpolate_and_summary(workdir, tmp_path):
 def test_training_gif_plot_and_real_vs_fake(workdir, tmp_path):
     out = sample(workdir, "gif", f"--out={tmp_path / 'train.gif'}").stdout
     assert "2 frames" in out
-    frames = iio.imread(tmp_path / "train.gif")
-    assert frames.shape[0] == 2
+    frames = iio.imread(tmp_path / "train.gif", mode="L")
+    last_grid = np.asarray(Image.open(workdir / "samples" / "step_0000004_ema.png"))
+    assert last_grid.shape == (4 * 34 + 2,) * 2
+    assert frames.shape == (2, 276, 276)  # grids under 256 pixels wide enlarged twice
+    np.testing.assert_array_equal(frames[1], last_grid.repeat(2, 0).repeat(2, 1))
     raw = sample(workdir, "gif", "--no_ema", f"--out={tmp_path / 'raw.gif'}").stdout
     assert "2 frames" in raw
 
@@ -102,6 +104,42 @@ def test_interpolation_ends_are_the_end_samples(workdir):
         np.testing.assert_allclose(walk[[0, 5, 10]], direct, rtol=1e-4, atol=1e-5)
         assert np.abs(walk[2] - direct[0]).max() > 1e-4  # the way between differs
     assert np.array_equal(sampler.generate(path[[0]])[0], sampler.generate(ends)[0])
+
+
+def test_interpolate_rows_run_from_key_point_to_key_point(workdir, tmp_path):
+    points, frames, side = 4, 3, 34  # side: 32 pixels and the grid's 2-pixel padding
+    sample(workdir, "interpolate", "--seed=5", f"--points={points}", f"--frames={frames}",
+           f"--out={tmp_path / 'walk'}")
+    sampler = Sampler(str(workdir))
+    ends = sampler.latents(seed=5, count=points)
+    for method in ("linear", "slerp"):
+        figure = np.asarray(Image.open(tmp_path / f"walk_{method}.png"))
+        assert figure.shape == ((points - 1) * side + 2, (frames + 1) * side + 2)
+
+        def tile(row, col):
+            return figure[2 + row * side:row * side + side, 2 + col * side:col * side + side]
+
+        walk = sampler.generate(interpolation_path(ends, frames, method))  # as the command
+        keys = walk[::frames, ..., 0]
+        assert np.abs(keys.astype(int) - sampler.generate(ends)[..., 0]).max() <= 1
+        for row in range(points - 1):
+            np.testing.assert_array_equal(tile(row, 0), keys[row])
+            np.testing.assert_array_equal(tile(row, frames), keys[row + 1])
+            np.testing.assert_array_equal(tile(row, 1), walk[row * frames + 1, ..., 0])
+
+        gif = iio.imread(tmp_path / f"walk_{method}.gif", mode="L")
+        assert gif.shape == (2 * len(walk) - 2, 256, 256)
+        np.testing.assert_array_equal(gif[0], keys[0].repeat(8, 0).repeat(8, 1))
+
+
+def test_fid_without_evaluations_says_how_to_get_them(workdir, tmp_path):
+    out = tmp_path / "fid.png"
+    result = sample(workdir, "fid", f"--out={out}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "dcgan_jax.sample" in line]
+    assert len(message) == 1 and "holds no fid values" in message[0]
+    assert "--config.eval.every=N" in message[0] and "dcgan_jax.evaluate" in message[0]
+    assert not out.exists()
 
 
 def test_step_restores_that_steps_weights(workdir):

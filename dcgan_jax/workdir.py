@@ -1,0 +1,101 @@
+"""A run's folder: its layout, its creation, and the lock that keeps one run in it at a time.
+
+    DIR/config.json          the resolved config
+    DIR/metrics.jsonl        one JSON object per logged step and per evaluation
+    DIR/samples/             grids of G every sample_every steps, and real.png
+    DIR/figures/             what `dcgan_jax.sample` writes by default
+    DIR/checkpoints/STEP/    orbax checkpoints
+    DIR/run.lock             held by the run training in DIR
+
+Only the standard library is imported here, so the command lines can check a workdir
+before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+from typing import Iterator
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+FIGURES_DIR = "figures"
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used: not a folder, not writable, or in use."""
+
+
+def create(workdir: str) -> str:
+    """Creates the workdir if needed and checks that this user can write it; returns its
+    absolute path."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WorkdirError(f"--workdir={workdir} is a file, or inside one, not a folder; "
+                           f"choose another path") from None
+    except OSError as error:
+        raise WorkdirError(f"--workdir={workdir} cannot be created: "
+                           f"{error.strerror or error}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir={workdir} cannot be written by this user; choose "
+                           f"another folder or change its permissions")
+    return path
+
+
+@contextlib.contextmanager
+def locked(workdir: str, take: bool = True) -> Iterator[None]:
+    """Holds an exclusive lock on DIR/run.lock while the block runs (when `take`).
+
+    The lock is the kernel's (flock), so a killed run leaves no stale lock: the file stays,
+    with the last holder's host and pid, but blocks no one. A second run fails at once,
+    naming the holder. On several hosts, process 0 alone takes it for the whole run.
+    """
+    if not take:
+        yield
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WorkdirError(f"--workdir={workdir} cannot be written: "
+                           f"{error.strerror or error}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise WorkdirError(f"--workdir={workdir} is in use by another run "
+                               f"({_holder(fd)}); wait for it to finish or stop it, or "
+                               f"choose another workdir") from None
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def ensure_free(workdir: str) -> None:
+    """Raises WorkdirError at once if a run holds the workdir (before a slow start-up)."""
+    with locked(workdir):
+        pass
+
+
+def _holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"process {holder['pid']} on host {holder['host']}, since {holder['since']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "its host and pid are not recorded"
