@@ -65,6 +65,7 @@ import torch
 from absl import app, flags
 from torch import nn
 
+from dcgan_jax import cli
 from dcgan_jax.models import num_blocks
 from jax_step import (BETAS, CHANNELS, LR, NDF, NGF, NZ, SEED, compiled_step, jax_config,
                       run_steps)
@@ -289,6 +290,7 @@ def xla_gflops(row: dict[str, float], device: torch.device) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     if FLAGS.device == "cuda":
         # Both frameworks share the GPU: JAX would otherwise take 75% of it up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")

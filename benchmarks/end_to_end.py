@@ -31,10 +31,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from PIL import Image
 
-from dcgan_jax import config as config_lib, data, parallel, prepared, step as step_lib
+from dcgan_jax import cli, config as config_lib, data, parallel, prepared, step as step_lib
 from dcgan_jax import train
 
 flags.DEFINE_list("resolutions", ["64"], "Model resolutions.")
@@ -144,7 +144,7 @@ def bare_and_loop(config, root: str, steps: int, keep_intervals: bool = False):
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # as dcgan_jax.main: orbax logs every save
+    cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     cpus = os.cpu_count()
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}); host cores: {cpus}; {FLAGS.images} JPEGs of 178x218; "

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from dcgan_jax import config as config_lib, data
+from dcgan_jax import cli, config as config_lib, data
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Model resolutions.")
 flags.DEFINE_list("workers", ["0", "1", "2", "4"], "Grain worker process counts.")
@@ -68,6 +68,7 @@ def images_per_second(folder: str, resolution: int, workers: int, mode: str,
 
 def main(argv):
     del argv
+    cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     print(f"cpus: {os.cpu_count()}, {FLAGS.images} JPEGs per folder, batch {FLAGS.batch_size}")
     print(f"{'res':>5} {'mode':>9} {'workers':>8} {'images/s':>10}")
     print("-" * 35)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from absl import app, flags
 
+from dcgan_jax import cli
 from jax_step import compiled_step, jax_config, run_steps
 
 flags.DEFINE_integer("resolution", 64, "Image resolution.")
@@ -99,6 +100,7 @@ def category(info: dict[str, str]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     r, b = FLAGS.resolution, FLAGS.batch_size
     compiled, state, real, compile_s = compiled_step(jax_config(r, b, FLAGS.dtype))
     print(f"{jax.devices()[0].device_kind}, {r}x{r}, batch {b}, {FLAGS.dtype}: compiled in "

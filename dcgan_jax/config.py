@@ -96,9 +96,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 200
     # Inception features: 2048 (pool3, the standard FID), or 768, 192 or 64.
     config.eval.dims = 2048
-    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz conversion); empty:
-    # fetched from GitHub into data.cache_dir on first use.
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (its SHA-256 is checked); empty:
+    # fetched from GitHub into data.cache_dir on first use, checked, converted to .npz.
     config.eval.fid_weights = ""
+    # Accept a weights file that is not pytorch-fid's; FID values are then not comparable
+    # with published ones. Fetched weights are always checked.
+    config.eval.allow_unknown_weights = False
     config.eval.kid_subsets = 100
     config.eval.kid_subset_size = 1000
 
@@ -216,6 +219,9 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     _require(e.kid_subsets >= 1, f"config.eval.kid_subsets={e.kid_subsets} must be at least 1")
     _require(e.kid_subset_size >= 2,
              f"config.eval.kid_subset_size={e.kid_subset_size} must be at least 2")
+    _require(bool(e.fid_weights) or not e.allow_unknown_weights,
+             "config.eval.allow_unknown_weights=True needs config.eval.fid_weights=PATH: "
+             "fetched weights are always pytorch-fid's")
 
 
 def _validate_crop(crop: str) -> None:

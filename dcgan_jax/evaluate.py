@@ -7,22 +7,31 @@
   python -m dcgan_jax.evaluate --real=DIR --save_stats=OUT.npz
       writes a folder's statistics, which pytorch-fid reads too.
 
---fid_weights=PATH reads pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz
-conversion); without it the weights are fetched from GitHub once into the cache.
+--fid_weights=PATH reads pytorch-fid's pt_inception-2015-12-05-6726825d.pth, checked by its
+SHA-256; any other file (a .npz conversion too) needs --allow_unknown_weights, and its FID is
+not comparable with published ones. Without --fid_weights the weights are fetched from GitHub
+once into the cache, checked and converted.
+
+Flags, the workdir and the weights file are checked before JAX's model stack and TensorFlow
+are imported (seconds), so that a mistake fails at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from dcgan_jax import checkpoints, parallel, step as step_lib  # noqa: E402
-from dcgan_jax.evaluation import features, inception, metrics, weights  # noqa: E402
+from dcgan_jax.evaluation import weights  # noqa: E402
+
+if TYPE_CHECKING:
+    from dcgan_jax.evaluation import features, metrics
 
 flags.DEFINE_string("workdir", None, "A run's workdir: evaluate its generator.")
 flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
@@ -34,7 +43,11 @@ flags.DEFINE_integer("num_reference", None, "Dataset images of the reference sta
 flags.DEFINE_string("real", None, "Folder of real images, or a statistics .npz.")
 flags.DEFINE_string("fake", None, "Folder of generated images, or a statistics .npz.")
 flags.DEFINE_string("save_stats", None, "With --real only: write its statistics here.")
-flags.DEFINE_string("fid_weights", None, "pytorch-fid's weights file (.pth or .npz).")
+flags.DEFINE_string("fid_weights", None, "pytorch-fid's weights file (.pth); the run's "
+                    "config.eval value by default.")
+flags.DEFINE_bool("allow_unknown_weights", None, "Accept a --fid_weights file that is not "
+                  "pytorch-fid's (FID then not comparable with published values); the run's "
+                  "config.eval value by default.")
 flags.DEFINE_integer("dims", None, "Feature dimensions: 64, 192, 768 or 2048 (default).")
 flags.DEFINE_integer("batch_size", None, "Images per Inception call (default 200).")
 flags.DEFINE_string("cache_dir", "", "Cache of the fetched weights for --real/--fake; "
@@ -46,7 +59,9 @@ def _override(value, default):
     return default if value is None else value
 
 
-def _folder_statistics(path: str, extractor: features.FeatureExtractor) -> metrics.Statistics:
+def _folder_statistics(path: str, extractor: features.FeatureExtractor | None
+                       ) -> metrics.Statistics:
+    from dcgan_jax.evaluation import features, metrics
     if path.endswith(".npz"):
         if not os.path.isfile(path):
             raise metrics.MetricError(f"statistics file {path} does not exist")
@@ -55,14 +70,19 @@ def _folder_statistics(path: str, extractor: features.FeatureExtractor) -> metri
     return metrics.Statistics.of(found, keep_features=len(found))
 
 
+def _needs_network(real: str, fake: str | None) -> bool:
+    return not (real.endswith(".npz") and fake and fake.endswith(".npz"))
+
+
 def evaluate_folders(real: str, fake: str | None, save_stats: str | None) -> None:
-    from dcgan_jax import data
+    from dcgan_jax import data, parallel
+    from dcgan_jax.evaluation import features, metrics
     dims = _override(FLAGS.dims, 2048)
-    needs_network = not (real.endswith(".npz") and fake and fake.endswith(".npz"))
     extractor = None
-    if needs_network:
+    if _needs_network(real, fake):
         path = weights.locate(FLAGS.fid_weights or "",
-                              os.path.join(data.cache_root(FLAGS.cache_dir), "weights"))
+                              os.path.join(data.cache_root(FLAGS.cache_dir), "weights"),
+                              bool(FLAGS.allow_unknown_weights))
         extractor = features.FeatureExtractor(path, dims, parallel.make_mesh(),
                                               _override(FLAGS.batch_size, 200))
     real_stats = _folder_statistics(real, extractor)
@@ -75,8 +95,9 @@ def evaluate_folders(real: str, fake: str | None, save_stats: str | None) -> Non
                   fake_stats.features)
 
 
-def _print_scores(fid: float, real_features, fake_features, subsets: int = metrics.KID_SUBSETS,
-                  subset_size: int = metrics.KID_SUBSET_SIZE) -> None:
+def _print_scores(fid: float, real_features, fake_features) -> None:
+    from dcgan_jax.evaluation import metrics
+    subsets, subset_size = metrics.KID_SUBSETS, metrics.KID_SUBSET_SIZE
     print(f"FID: {fid:.6f}")
     if real_features is not None and fake_features is not None:
         mean, std = metrics.kid(fake_features, real_features, subsets, subset_size)
@@ -85,7 +106,7 @@ def _print_scores(fid: float, real_features, fake_features, subsets: int = metri
 
 
 def evaluate_run(workdir: str) -> None:
-    from dcgan_jax import data
+    from dcgan_jax import checkpoints, data, parallel, step as step_lib
     from dcgan_jax.evaluation.evaluator import Evaluator
     from dcgan_jax.reporting import hide_gpus_from_tensorflow
     hide_gpus_from_tensorflow()
@@ -96,6 +117,7 @@ def evaluate_run(workdir: str) -> None:
     e.dims = _override(FLAGS.dims, e.dims)
     e.batch_size = _override(FLAGS.batch_size, e.batch_size)
     e.fid_weights = _override(FLAGS.fid_weights, e.fid_weights)
+    e.allow_unknown_weights = _override(FLAGS.allow_unknown_weights, e.allow_unknown_weights)
     mesh = parallel.make_mesh()
     abstract = step_lib.abstract_train_state(config, mesh, total_steps=1)
     state = checkpoints.restore(checkpoints.make_manager(workdir, read_only=True), abstract,
@@ -124,11 +146,41 @@ def _check_flags() -> str | None:
         return "--real needs --fake=DIR to compare with, or --save_stats=OUT.npz"
     if FLAGS.save_stats and FLAGS.fake:
         return "--save_stats writes the statistics of --real alone; drop --fake"
-    if FLAGS.dims is not None and FLAGS.dims not in inception.BLOCK_BY_DIMS:
-        return f"--dims={FLAGS.dims} must be one of {tuple(inception.BLOCK_BY_DIMS)}"
+    if FLAGS.allow_unknown_weights and not (FLAGS.fid_weights or FLAGS.workdir):
+        return ("--allow_unknown_weights applies to --fid_weights=PATH only: fetched weights "
+                "are always pytorch-fid's")
+    if FLAGS.dims is not None:
+        from dcgan_jax.evaluation.inception import BLOCK_BY_DIMS
+        if FLAGS.dims not in BLOCK_BY_DIMS:
+            return f"--dims={FLAGS.dims} must be one of {tuple(BLOCK_BY_DIMS)}"
     for name in ("num_samples", "batch_size"):
         if FLAGS[name].value is not None and FLAGS[name].value < (2 if name[0] == "n" else 1):
             return f"--{name}={FLAGS[name].value} is too small"
+    return None
+
+
+def _check_inputs() -> str | None:
+    """The first problem with the workdir or the weights file, or None: found before the
+    heavy imports."""
+    path, allow = FLAGS.fid_weights, FLAGS.allow_unknown_weights
+    if FLAGS.workdir:
+        config_path = os.path.join(FLAGS.workdir, "config.json")
+        if not os.path.isfile(config_path):
+            return f"{config_path} does not exist; is {FLAGS.workdir!r} a dcgan_jax workdir?"
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)["eval"]
+            path = _override(path, saved.get("fid_weights", ""))
+            allow = _override(allow, saved.get("allow_unknown_weights", False))
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
+            return None  # reading the run's config reports it
+    elif not _needs_network(FLAGS.real, FLAGS.fake):
+        return None
+    try:
+        if path:
+            weights.check(path, bool(allow))
+    except weights.WeightsError as error:
+        return str(error)
     return None
 
 
@@ -137,9 +189,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"dcgan_jax.evaluate: error: unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
-    if problem := _check_flags():
+    if problem := _check_flags() or _check_inputs():
         sys.exit(f"dcgan_jax.evaluate: error: {problem}")
+    from dcgan_jax import checkpoints
     from dcgan_jax.data import DataError
+    from dcgan_jax.evaluation import metrics
     try:
         if FLAGS.workdir:
             evaluate_run(FLAGS.workdir)

@@ -43,7 +43,9 @@ def main_args(workdir, config_file: str = "tests/tiny_config.py", **overrides) -
 
 def random_fid_weights(path: str, seed: int = 0) -> str:
     """A .npz in the layout of pytorch-fid's state dict, with random weights and unit
-    BatchNorm statistics: enough to exercise every FID code path without the real file."""
+    BatchNorm statistics: enough to exercise every FID code path without the real file. Not
+    being pytorch-fid's file, it is read only with config.eval.allow_unknown_weights=True or
+    evaluate's --allow_unknown_weights."""
     import jax
     import numpy as np
 

@@ -14,6 +14,7 @@ def eval_overrides(tmp_path, weights_path):
     return {"eval.every": 2, "eval.num_samples": 64, "eval.num_reference": 200,
             "eval.dims": 64, "eval.batch_size": 32, "eval.kid_subsets": 10,
             "eval.kid_subset_size": 32, "eval.fid_weights": weights_path,
+            "eval.allow_unknown_weights": True,
             "data.cache_dir": str(tmp_path / "cache"), "keep_checkpoints": 1,
             "ckpt_every": 100}
 
@@ -59,7 +60,8 @@ def test_fid_during_training_keeps_the_best_checkpoint(tmp_path):
          "--num=64", f"--out={files}"])
     stats = next((tmp_path / "cache" / "fid_stats").iterdir())
     from_files = run(["-m", "dcgan_jax.evaluate", f"--real={stats}", f"--fake={files}",
-                      f"--fid_weights={weights_path}", "--dims=64"], devices=2).stdout
+                      f"--fid_weights={weights_path}", "--allow_unknown_weights",
+                      "--dims=64"], devices=2).stdout
     assert float(re.search(r"FID: ([\d.]+)", from_files).group(1)) == pytest.approx(
         logged[best]["fid"], rel=1e-4)
 

@@ -20,7 +20,7 @@ class Evaluator:
         self.config = config
         e = config.eval
         path = weights.locate(e.fid_weights, os.path.join(
-            data.cache_root(config.data.cache_dir), "weights"))
+            data.cache_root(config.data.cache_dir), "weights"), e.allow_unknown_weights)
         self.extractor = features.FeatureExtractor(path, e.dims, mesh, e.batch_size)
         start = time.perf_counter()
         self.reference, cache, computed = features.reference_statistics(
