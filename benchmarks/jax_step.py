@@ -23,7 +23,8 @@ SEED = 0
 def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:
     """The fields of `dcgan_jax.config.get_default_config()` that the train step reads."""
     model = types.SimpleNamespace(resolution=resolution, channels=CHANNELS, nz=NZ, ngf=NGF,
-                                  ndf=NDF, msg=False, msg_combine="simple")
+                                  ndf=NDF, msg=False, msg_combine="simple",
+                                  leaky_slope=0.2)
     train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
                                   beta2=BETAS[1], lr_decay=False, d_steps=1,
                                   label_smoothing=0.0, ema_decay=0.0)

@@ -45,6 +45,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.model.ndf = 64
     config.model.msg = False
     config.model.msg_combine = "simple"
+    # Negative slope of D's LeakyReLUs (DCGAN's 0.2).
+    config.model.leaky_slope = 0.2
 
     config.data = ml_collections.ConfigDict()
     # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
@@ -89,6 +91,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Steps between FID/KID evaluations during training (and at the last step); 0: none.
     # The checkpoint of the best FID is kept beside the latest ones.
     config.eval.every = 0
+    # The same in epochs (fractions allowed); above 0 it replaces eval.every.
+    config.eval.every_epochs = 0.0
     # Generated images per evaluation; 10,000 or more to compare with published numbers.
     config.eval.num_samples = 10_000
     # Dataset images of the reference statistics (cached); 0 means all of them.
@@ -105,12 +109,28 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.eval.kid_subsets = 100
     config.eval.kid_subset_size = 1000
 
+    # Intervals in steps. sample_every_epochs and ckpt_every_epochs give them in epochs
+    # (fractions allowed) instead, when above 0. Every interval also fires at the last step.
     config.log_every = 50
     config.sample_every = 500
+    config.sample_every_epochs = 0.0
     config.ckpt_every = 1000
+    config.ckpt_every_epochs = 0.0
     config.keep_checkpoints = 3
-    config.sample_grid = 8
+    # Sample grids: 'ROWSxCOLS', or 'N' for N x N.
+    config.sample_grid = "8x8"
     return config
+
+
+def grid_shape(value: str) -> tuple[int, int]:
+    """(rows, cols) of config.sample_grid."""
+    rows, _, cols = value.partition("x")
+    return int(rows), int(cols or rows)
+
+
+def interval_steps(every: int, every_epochs: float, steps_per_epoch: int) -> int:
+    """Steps between runs of a periodic action: `every_epochs` when above 0, else `every`."""
+    return max(1, round(every_epochs * steps_per_epoch)) if every_epochs > 0 else every
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -131,7 +151,10 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def from_json(text: str) -> ml_collections.ConfigDict:
     """A config saved by `to_json`, completed with defaults of fields added since."""
     config = get_default_config()
-    config.update(ml_collections.ConfigDict(json.loads(text)))
+    saved = json.loads(text)
+    if isinstance(saved.get("sample_grid"), int):  # saved before grids had two sides
+        saved["sample_grid"] = str(saved["sample_grid"])
+    config.update(ml_collections.ConfigDict(saved))
     return config
 
 
@@ -203,14 +226,24 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
              f"config.train.label_smoothing={train.label_smoothing} must be in [0, 1)")
     _require(0 <= train.ema_decay < 1,
              f"config.train.ema_decay={train.ema_decay} must be in [0, 1); 0 disables EMA")
+    _require(0 <= model.leaky_slope < 1,
+             f"config.model.leaky_slope={model.leaky_slope} must be in [0, 1)")
     _validate_eval(config.eval)
-    for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints", "sample_grid"):
+    for name in ("log_every", "sample_every", "ckpt_every", "keep_checkpoints"):
         _require(config[name] >= 1, f"config.{name}={config[name]} must be at least 1")
+    for name in ("sample_every_epochs", "ckpt_every_epochs"):
+        _require(config[name] >= 0, f"config.{name}={config[name]} must be 0 (use "
+                                    f"{name.removesuffix('_epochs')}) or more")
+    _require(bool(re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", config.sample_grid)),
+             f"config.sample_grid={config.sample_grid!r} must be ROWSxCOLS, e.g. '4x8', or "
+             f"N for N x N")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
     """eval.batch_size needs no device multiple: it is rounded up to one."""
     _require(e.every >= 0, f"config.eval.every={e.every} must be 0 (no evaluation) or more")
+    _require(e.every_epochs >= 0,
+             f"config.eval.every_epochs={e.every_epochs} must be 0 (use eval.every) or more")
     _require(e.num_samples >= 2, f"config.eval.num_samples={e.num_samples} must be at least 2")
     _require(e.num_reference == 0 or e.num_reference >= 2,
              f"config.eval.num_reference={e.num_reference} must be 0 (all) or at least 2")

@@ -379,7 +379,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Conv/BatchNorm/LeakyReLU(0.2) blocks -> one logit per image.
+    """Conv/BatchNorm/LeakyReLU blocks -> one logit per image.
 
     With MSG, the output of each block is combined with the pyramid image of the same
     resolution by `msg_combine`: `simple` concatenates, `lin_cat` concatenates a 1x1
@@ -390,6 +390,7 @@ class Discriminator(nn.Module):
     base_channels: int = 64
     msg: bool = False
     msg_combine: str = "simple"
+    leaky_slope: float = 0.2
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -412,7 +413,7 @@ class Discriminator(nn.Module):
             if i > 0:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  scale_init=bn_scale_init, dtype=self.dtype)(x)
-            x = nn.leaky_relu(x, 0.2)
+            x = nn.leaky_relu(x, self.leaky_slope)
         if self.msg:
             x = self._combine(x, pyramid[blocks].astype(self.dtype), conv)
         logits = conv(1, kernel_size=(4, 4), padding="VALID", use_bias=False)(x)

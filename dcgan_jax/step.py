@@ -44,7 +44,8 @@ def build_models(config: Any) -> tuple[Generator, Discriminator]:
     generator = Generator(resolution=m.resolution, channels=m.channels, base_channels=m.ngf,
                           msg=m.msg, dtype=dtype)
     discriminator = Discriminator(resolution=m.resolution, base_channels=m.ndf, msg=m.msg,
-                                  msg_combine=m.msg_combine, dtype=dtype)
+                                  msg_combine=m.msg_combine, leaky_slope=m.leaky_slope,
+                                  dtype=dtype)
     return generator, discriminator
 
 

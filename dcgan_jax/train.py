@@ -24,8 +24,9 @@ BENCHMARK_NOISE_SEED = 2015
 
 
 def benchmark_noise(config: Any) -> jax.Array:
+    rows, cols = config_lib.grid_shape(config.sample_grid)
     return jax.random.normal(jax.random.PRNGKey(BENCHMARK_NOISE_SEED),
-                             (config.sample_grid ** 2, config.model.nz))
+                             (rows * cols, config.model.nz))
 
 
 def _stop_requests() -> threading.Event:
@@ -85,6 +86,12 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
     steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     num_epochs = -(-total_steps // steps_per_epoch)
+    sample_every, ckpt_every, evaluate_every = (
+        config_lib.interval_steps(every, epochs, steps_per_epoch) for every, epochs in (
+            (config.sample_every, config.sample_every_epochs),
+            (config.ckpt_every, config.ckpt_every_epochs),
+            (config.eval.every, config.eval.every_epochs)))
+    grid_rows, grid_cols = config_lib.grid_shape(config.sample_grid)
     say(reporting.config_table(config), reporting.devices_line(),
         f"Data: {config.dataset}, {len(source):,} records, {steps_per_epoch:,} steps per "
         f"epoch, {total_steps:,} steps in all")
@@ -93,7 +100,7 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
     say(reporting.parameter_table("Generator", state.g.params),
         reporting.parameter_table("Discriminator", state.d.params))
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints,
-                                       keep_best_fid=config.eval.every > 0)
+                                       keep_best_fid=evaluate_every > 0)
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count(),
                                   say=_say_every_process)
     start = 0
@@ -115,9 +122,8 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
 
     samples_dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(samples_dir, "real.png")):
-        real = data.sample_images(config, source, config.sample_grid ** 2)
-        images.save_png(os.path.join(samples_dir, "real.png"),
-                        images.make_grid(real, config.sample_grid))
+        real = data.sample_images(config, source, grid_rows * grid_cols)
+        images.save_png(os.path.join(samples_dir, "real.png"), images.make_grid(real, grid_rows))
 
     train_step = step_lib.make_train_step(config, mesh)
     noise = jax.device_put(benchmark_noise(config), parallel.replicated(mesh))
@@ -132,7 +138,7 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
                                   config.train.batch_size * config.train.d_steps,
                                   step_lib.learning_rate_fns(config, total_steps))
     evaluator = None
-    if config.eval.every:
+    if evaluate_every:
         from dcgan_jax.evaluation.evaluator import Evaluator
         evaluator = Evaluator(config, mesh, source)
         say(evaluator.reference_line)
@@ -149,8 +155,7 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
 
         def finish() -> None:
             for suffix, fakes in generated:
-                grid = images.make_grid(images.to_uint8(parallel.fetch(fakes)),
-                                        config.sample_grid)
+                grid = images.make_grid(images.to_uint8(parallel.fetch(fakes)), grid_rows)
                 if jax.process_index() == 0:
                     images.save_png(os.path.join(samples_dir, f"step_{step:07d}{suffix}.png"),
                                     grid)
@@ -207,12 +212,12 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
             if due(steps_per_epoch):
                 if warning := unreadable.message():
                     logging.warning("process %d: %s", jax.process_index(), warning)
-            if due(config.sample_every):
+            if due(sample_every):
                 later.append(write_samples(step))
-            scores = evaluate(step) if evaluator and due(config.eval.every) else None
+            scores = evaluate(step) if evaluator and due(evaluate_every) else None
             preempted = (manager.reached_preemption(step) if jax.process_count() > 1
                          else stop.is_set())
-            if due(config.ckpt_every) or preempted or scores is not None:
+            if due(ckpt_every) or preempted or scores is not None:
                 later.append(save_checkpoint(step, position, scores))
             if preempted:
                 break

@@ -34,7 +34,27 @@ BAD_VALUES = [
     ({"train__label_smoothing": 1.0}, "config.train.label_smoothing=1.0 must be in [0, 1)"),
     ({"train__ema_decay": 1.0}, "config.train.ema_decay=1.0 must be in [0, 1)"),
     ({"log_every": 0}, "config.log_every=0 must be at least 1"),
+    ({"sample_every_epochs": -1.0}, "config.sample_every_epochs=-1.0 must be 0 (use "
+                                    "sample_every) or more"),
+    ({"ckpt_every_epochs": -2.0}, "config.ckpt_every_epochs=-2.0 must be 0"),
+    ({"eval__every_epochs": -1.0}, "config.eval.every_epochs=-1.0 must be 0 (use eval.every)"),
+    ({"sample_grid": "4x0"}, "config.sample_grid='4x0' must be ROWSxCOLS, e.g. '4x8'"),
+    ({"sample_grid": "four"}, "config.sample_grid='four' must be ROWSxCOLS"),
+    ({"model__leaky_slope": 1.0}, "config.model.leaky_slope=1.0 must be in [0, 1)"),
+    ({"model__leaky_slope": -0.1}, "config.model.leaky_slope=-0.1 must be in [0, 1)"),
 ]
+
+
+def test_intervals_in_epochs_and_grids_of_two_sides():
+    assert config_lib.interval_steps(500, 0.0, 40) == 500
+    assert config_lib.interval_steps(500, 2.0, 40) == 80
+    assert config_lib.interval_steps(500, 0.5, 3) == 2
+    assert config_lib.interval_steps(500, 0.01, 10) == 1
+    assert config_lib.grid_shape("4x8") == (4, 8) and config_lib.grid_shape("5") == (5, 5)
+    # Workdirs saved when the grid had one side still load.
+    old = config_lib.to_json(tiny_config()).replace('"sample_grid": "4"', '"sample_grid": 6')
+    assert '"sample_grid": 6' in old
+    assert config_lib.from_json(old).sample_grid == "6"
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -193,3 +193,26 @@ def test_truncate_metrics_drops_later_and_broken_lines(tmp_path):
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "loss')
     reporting.truncate_metrics(str(path), 4)
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
+
+
+def test_intervals_in_epochs_a_rectangular_grid_and_the_leaky_slope(tmp_path):
+    """40 images in batches of 8: 5 steps an epoch; grids every epoch, saves every two."""
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (36, 36), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png")
+    result = run(main_args(tmp_path / "run", **{
+        "dataset": f"folder:{folder}", "train.batch_size": 8, "train.num_steps": 0,
+        "train.num_epochs": 3, "sample_every_epochs": 1, "ckpt_every_epochs": 2,
+        "keep_checkpoints": 5, "sample_grid": "2x3", "model.leaky_slope": 0.3}))
+    assert "Done: 15 steps" in result.stdout
+    samples = sorted(os.listdir(tmp_path / "run" / "samples"))
+    assert samples == ["real.png", "step_0000005.png", "step_0000010.png", "step_0000015.png"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "15"]
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_0000015.png"))
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)
+    saved = checkpoints.read_run_config(str(tmp_path / "run"))
+    assert saved.model.leaky_slope == 0.3 and saved.sample_grid == "2x3"

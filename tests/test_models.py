@@ -232,3 +232,14 @@ def test_strided_convolution_rejects_odd_sizes():
     from dcgan_jax.models import downsample_conv
     with pytest.raises(ValueError, match="even height and width, got 9x8"):
         downsample_conv(jnp.zeros((1, 9, 8, 16)), jnp.zeros((4, 4, 16, 4)))
+
+
+def test_leaky_slope_is_the_discriminators_negative_slope():
+    images = (jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 1)),)
+    default = Discriminator(resolution=32, base_channels=4)
+    variables = default.init(jax.random.PRNGKey(1), images, train=False)
+    steep = Discriminator(resolution=32, base_channels=4, leaky_slope=0.5)
+    relu = Discriminator(resolution=32, base_channels=4, leaky_slope=0.0)
+    outputs = [d.apply(variables, images, train=False) for d in (default, steep, relu)]
+    assert default.leaky_slope == 0.2
+    assert not np.allclose(outputs[0], outputs[1]) and not np.allclose(outputs[0], outputs[2])

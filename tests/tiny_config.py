@@ -24,7 +24,7 @@ def tiny_config(**overrides):
     config.train.batch_size = 16
     config.data.num_workers = 0
     config.data.cache_dir = TEST_CACHE
-    config.sample_grid = 4
+    config.sample_grid = "4"
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split("__")
