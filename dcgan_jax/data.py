@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from dcgan_jax import prepared
@@ -362,6 +362,8 @@ def worker_count(config: Any) -> int:
 def _in_workers(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterDataset:
     if workers == 0:
         return ds
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (API callers)
+        flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=buffer), worker_init_fn=_ignore_interrupts)
 
@@ -370,12 +372,35 @@ def _in_workers(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterD
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _DecodeChunk:
+    """Decodes records [index * size, (index + 1) * size) in a worker, into one array."""
+
+    records: Sequence[Any]
+    loader: Loader
+    size: int
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        elements = [self.loader(self.records[i]) for i in
+                    range(index * self.size, min(len(self.records), (index + 1) * self.size))]
+        return {"image": np.stack([e["image"] for e in elements]),
+                "unreadable": np.array([e["unreadable"] for e in elements])}
+
+
+# Chunks travel from the workers pickled: grain's shared memory, made for many small
+# elements, leaves its last buffers behind at exit (and warns of them) once a pass ends.
+_PICKLED_OUTPUTS = grain.experimental.DatasetOptions(min_shm_size=1 << 62)
+
+
 def decoded_chunks(config: Any, records: Sequence[Any],
                    workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(images, unreadable paths) of consecutive chunks of `records`, in order, decoded by
     `workers` processes."""
-    ds = (grain.MapDataset.source(records).map(loader_from_config(config))
-          .batch(prepared.PREPARE_CHUNK).to_iter_dataset(READ_OPTIONS))
+    size = prepared.PREPARE_CHUNK
+    ds = (grain.MapDataset.range(-(-len(records) // size))
+          .map(_DecodeChunk(records, loader_from_config(config), size))
+          .to_iter_dataset(READ_OPTIONS))
+    ds = grain.experimental.WithOptionsIterDataset(ds, _PICKLED_OUTPUTS)
     iterator = iter(_in_workers(ds, workers, buffer=2))
     try:
         for chunk in iterator:
