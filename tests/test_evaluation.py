@@ -3,7 +3,7 @@ pytorch-fid and torch-fidelity (test-only dependencies), with shared random weig
 
 import os
 import re
-import warnings
+import types
 
 import numpy as np
 import pytest
@@ -102,26 +102,79 @@ def test_inception_matches_pytorch_fid(torch_weights, dims, sizes):
         assert error < 1e-4, (height, width, error)
 
 
-def test_frechet_distance_matches_pytorch_fid():
-    from pytorch_fid.fid_score import calculate_frechet_distance
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(40, 16)), rng.normal(0.3, 1.5, size=(50, 16))
-    args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    expected = calculate_frechet_distance(*args)
+def pytorch_fid_distance(monkeypatch, args, fail_first=False):
+    """pytorch-fid's distance, and how many times it called `sqrtm` (2: it retried with 1e-6 on
+    the diagonals). With `fail_first`, its first `sqrtm` returns NaNs, as scipy's does on some
+    hosts for a singular product, so that its retry runs on every host."""
+    from pytorch_fid import fid_score
+    from scipy import linalg
+    calls = []
+
+    def sqrtm(matrix, disp=True):
+        calls.append(matrix)
+        failed = fail_first and len(calls) == 1
+        root = np.full_like(matrix, np.nan) if failed else linalg.sqrtm(matrix)
+        return root if disp else (root, None)
+
+    monkeypatch.setattr(fid_score, "linalg", types.SimpleNamespace(sqrtm=sqrtm))
+    return fid_score.calculate_frechet_distance(*args), len(calls)
+
+
+def gaussian_statistics(count1, count2, dims, seed):
+    """Statistics of two different, correlated Gaussian samples."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(count1, dims)) * rng.uniform(0.1, 3, dims)
+    b = rng.normal(0.2, 1.3, size=(count2, dims)) @ rng.normal(size=(dims, dims)) / dims**0.5
+    return a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+
+
+@pytest.mark.parametrize("count1,count2,dims", [(40, 50, 16), (300, 400, 64)])
+def test_frechet_distance_matches_pytorch_fid(monkeypatch, count1, count2, dims):
+    args = gaussian_statistics(count1, count2, dims, seed=0)
+    expected, calls = pytorch_fid_distance(monkeypatch, args)
+    assert calls == 1
     assert metrics.frechet_distance(*args) == pytest.approx(expected, rel=1e-6)
 
-    # Rank-one covariances whose product has no finite square root: both retry with an
-    # offset on the diagonals.
-    u, v = np.array([1., 1, -1, 0, 1]), np.array([1., 1, 0, -1, 1])
+
+@pytest.mark.parametrize("count1,count2,dims", [(30, 30, 64), (10, 12, 64), (50, 60, 100)])
+def test_frechet_distance_near_singular_matches_pytorch_fid(monkeypatch, count1, count2, dims):
+    """Fewer images than dimensions (as 1,000 images of 2,048-d features): singular
+    covariances, whose product's square root pytorch-fid takes with `sqrtm` all the same."""
+    args = gaussian_statistics(count1, count2, dims, seed=1)
+    expected, calls = pytorch_fid_distance(monkeypatch, args)
+    # Assumes scipy's sqrtm of this product of random singular covariances is finite, so that
+    # pytorch-fid adds no offset (which would move its FID by up to 6e-5 here): the zero
+    # eigenvalues of the product come out as rounding noise, not exact zeros; and the trace of
+    # a Schur-form square root depends on the eigenvalues only, so finite garbage elsewhere in
+    # it (as on AVX-512 hosts) cannot matter.
+    assert calls == 1
+    assert metrics.frechet_distance(*args) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("v", [[1., 1, 0, -1, 1], [-1., 0, 2, 1, 0]])
+def test_frechet_distance_of_rank_one_covariances(monkeypatch, v):
+    """u u^T v v^T = (u.v) u v^T has eigenvalues (u.v)^2 and 0, so Tr sqrt(S1 S2) = |u.v|."""
+    u, v = np.array([1., 1, -1, 0, 1]), np.array(v)
     singular = (np.zeros(5), np.outer(u, u), np.ones(5), np.outer(v, v))
-    from scipy import linalg
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert not np.isfinite(linalg.sqrtm(singular[1] @ singular[3])).all()
-        expected = calculate_frechet_distance(*singular)
-    with pytest.warns(UserWarning, match="singular covariance product"):
-        got = metrics.frechet_distance(*singular)
-    assert got == pytest.approx(expected, rel=1e-6)
+    closed_form = 5 + u @ u + v @ v - 2 * abs(u @ v)
+    got = metrics.frechet_distance(*singular)
+    assert got == pytest.approx(closed_form, rel=1e-12)
+    # scipy's sqrtm of this product is non-finite on some hosts (AVX2) and finite garbage with
+    # the right trace on others (AVX-512), so pytorch-fid's retry with 1e-6 added to both
+    # diagonals is forced. Assumes only that sqrtm of that offset product (eigenvalues 1e-12
+    # and up) is accurate; the offset itself moves pytorch-fid's value by 1.6e-6 relative.
+    expected, calls = pytorch_fid_distance(monkeypatch, singular, fail_first=True)
+    assert calls == 2
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_frechet_distance_errors():
+    indefinite = np.diag([1., -0.5, 2])
+    for sigma1, sigma2 in [(indefinite, np.eye(3)), (np.eye(3), indefinite)]:
+        with pytest.raises(metrics.MetricError, match="not positive semi-definite"):
+            metrics.frechet_distance(np.zeros(3), sigma1, np.zeros(3), sigma2)
+    with pytest.raises(metrics.MetricError, match="same --dims"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_kid_matches_torch_fidelity():
@@ -151,6 +204,7 @@ def fid_of(output):
     return float(re.search(r"FID:\s+([-\d.e]+)", output).group(1))
 
 
+@pytest.mark.slow
 def test_command_line_matches_pytorch_fid(torch_weights, tmp_path):
     """Folders in, FID out, both ways round, and each tool reading the other's statistics."""
     _, paths = torch_weights
@@ -167,7 +221,8 @@ def test_command_line_matches_pytorch_fid(torch_weights, tmp_path):
 
     theirs = fid_of(run(["-m", "pytorch_fid", real, fake, *theirs_args], env=env).stdout)
     ours = run(["-m", "dcgan_jax.evaluate", f"--real={real}", f"--fake={fake}",
-                f"--fid_weights={paths['zip']}", "--dims=64", "--batch_size=50"]).stdout
+                f"--fid_weights={paths['zip']}", "--allow_unknown_weights", "--dims=64",
+                "--batch_size=50"]).stdout
     assert theirs > 1.0
     assert fid_of(ours) == pytest.approx(theirs, rel=1e-3)
     assert re.search(r"KID: [-\d.]+ ± [\d.]+ \(100 subsets of 80\)", ours)
@@ -175,7 +230,8 @@ def test_command_line_matches_pytorch_fid(torch_weights, tmp_path):
     their_stats, our_stats = str(tmp_path / "theirs.npz"), str(tmp_path / "ours.npz")
     run(["-m", "pytorch_fid", "--save-stats", real, their_stats, *theirs_args], env=env)
     run(["-m", "dcgan_jax.evaluate", f"--real={real}", f"--save_stats={our_stats}",
-         f"--fid_weights={paths['legacy']}", "--dims=64"], devices=4)
+         f"--fid_weights={paths['legacy']}", "--allow_unknown_weights", "--dims=64"],
+        devices=4)
     # Statistics of the same folder, one file from each tool, read by each tool.
     they_read_both = fid_of(run(["-m", "pytorch_fid", our_stats, their_stats, *theirs_args],
                                 env=env).stdout)
@@ -186,9 +242,12 @@ def test_command_line_matches_pytorch_fid(torch_weights, tmp_path):
 
 
 def test_weights_fetched_once_from_a_mirror(torch_weights, tmp_path, monkeypatch):
+    """The fetch, check and conversion, with the random weights standing in for the real
+    ones (tests/test_weights.py shows that a mirror's other file is refused)."""
     import http.server
     import threading
     _, paths = torch_weights
+    monkeypatch.setattr(weights, "WEIGHTS_SHA256", weights.file_digest(paths["legacy"]))
     handler = lambda *args: http.server.SimpleHTTPRequestHandler(
         *args, directory=os.path.dirname(paths["legacy"]))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -218,6 +277,7 @@ def one_line_error(result, *needles):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_one_line_errors(tmp_path):
     real = write_folder(tmp_path / "real", varied_images(3, 16, 16, seed=0))
     good = random_fid_weights(str(tmp_path / "good.npz"))
@@ -227,8 +287,17 @@ def test_one_line_errors(tmp_path):
         "HOME": str(tmp_path), weights.URL_VARIABLE: "http://127.0.0.1:9/pt_inception.pth"})
     one_line_error(offline, "cannot be fetched from http://127.0.0.1:9/", "--fid_weights=PATH",
                    str(tmp_path / ".cache" / "dcgan_jax" / "weights"))
+    assert not (tmp_path / ".cache").exists()  # no empty cache folder left behind
     missing = run(args + [f"--fid_weights={tmp_path / 'nope.pth'}"], check=False)
     one_line_error(missing, "nope.pth", "does not exist")
+    one_line_error(run(["-m", "dcgan_jax.evaluate", f"--workdir={tmp_path / 'nowhere'}"],
+                       check=False), "nowhere/config.json does not exist")
+
+    # Weights that are not pytorch-fid's: refused unless allowed, before anything is read.
+    unknown = one_line_error(run(args + [f"--fid_weights={good}"], check=False), good,
+                             "SHA-256 ", "--allow_unknown_weights")
+    assert weights.file_digest(good)[:16] in unknown
+    args.append("--allow_unknown_weights")
 
     state_dict = weights.read_state_dict(good)
     state_dict["Mixed_5b.branch1x1.conv.weight"] = np.zeros((64, 192, 3, 3), np.float32)
@@ -244,7 +313,8 @@ def test_one_line_errors(tmp_path):
 
     single = write_folder(tmp_path / "single", varied_images(1, 16, 16, seed=0))
     one_line_error(run(["-m", "dcgan_jax.evaluate", f"--real={single}", f"--fake={real}",
-                        f"--fid_weights={good}", "--dims=64"], check=False),
+                        f"--fid_weights={good}", "--allow_unknown_weights", "--dims=64"],
+                       check=False),
                    "holds 1 image file(s); FID needs at least 2")
     with pytest.raises(metrics.MetricError, match="at least 2 images"):
         metrics.Statistics.of(np.zeros((1, 64)))
