@@ -13,6 +13,8 @@ from dcgan_jax import checkpoints, parallel, step as step_lib, workdir as workdi
 from helpers import REPO, main_args, run, subprocess_env
 from test_main import PROGRESS, restore_state
 
+pytestmark = pytest.mark.slow  # every test runs command lines as processes
+
 
 def one_line_error(result, *parts):
     """The command failed with status 1 and one stderr line holding every part."""
@@ -151,3 +153,20 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resum
     with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/8 is incomplete: "
                                                           r"state/_METADATA missing"):
         checkpoints.restore(manager, abstract, 8)
+
+
+def test_no_library_noise_and_absolute_paths_from_a_relative_workdir(tmp_path):
+    """A CPU run prints nothing on stderr (no TensorFlow, XLA or orbax notices), and its
+    last line names folders a user can paste from anywhere."""
+    config = os.path.join(REPO, "tests", "tiny_config.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "dcgan_jax.main", f"--config={config}", "--workdir=rel",
+         "--config.train.num_steps=2"], cwd=tmp_path, env=subprocess_env(),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == (f"Done: 2 steps. Samples in {tmp_path}/rel/samples, checkpoints in "
+                    f"{tmp_path}/rel/checkpoints")
+    summary = run(["-m", "dcgan_jax.sample", "summary", f"--workdir={tmp_path / 'rel'}"])
+    assert summary.stderr == "" and "Generator:" in summary.stdout
