@@ -10,8 +10,8 @@ Writes a folder of CelebA-sized (178x218) JPEGs, then prints per resolution, in 
     and in one worker per core), and batches gathered from prepared data as training does
     (images/s, and CPU ms per image of this process);
   - the real training loop (`train.train_and_evaluate`) over the same folder with prepared
-    data, timed from the end of its first step to the end of its last, with a sample grid
-    and a checkpoint in the middle of the span and at its end;
+    data, timed from the end of its first step to the end of its last, a sample grid and a
+    checkpoint included (written at the last step);
   - the loop's speed over the bare step's (bare step and loop timed alternately,
     `--repeats` times, medians shown).
 `--demo` adds the same comparison for the demo config (configs/mnist.py), at its own
@@ -71,6 +71,13 @@ def timed(fn, count: int) -> tuple[float, float]:
     return count / wall, 1000 * cpu / count
 
 
+def consume(iterator, batches: int) -> None:
+    """Reads batches and drops each, as training does: keeping them all would time the
+    first-touch page faults of fresh memory instead of the pipeline."""
+    for _ in range(batches):
+        next(iterator)
+
+
 def bare_step(config, steps: int) -> float:
     """Images/s of the jitted step alone on one batch already on the devices."""
     mesh = parallel.make_mesh()
@@ -96,8 +103,7 @@ def decode_path(config, source, workers: int, batches: int) -> tuple[float, floa
     config.data.prepared, config.data.num_workers = "off", workers
     iterator = data.make_pipeline(config, source, 0, 1)
     next(iterator)  # starts the workers
-    result = timed(lambda: [next(iterator) for _ in range(batches)],
-                   batches * config.train.batch_size)
+    result = timed(lambda: consume(iterator, batches), batches * config.train.batch_size)
     iterator.close()
     return result
 
@@ -107,8 +113,7 @@ def prepared_path(config, source, batches: int) -> tuple[float, float]:
     iterator = prepared.BatchIterator(images.images, config.train.batch_size, config.seed)
     for _ in range(len(images.images) // config.train.batch_size):  # into the page cache
         next(iterator)
-    return timed(lambda: [next(iterator) for _ in range(batches)],
-                 batches * config.train.batch_size)
+    return timed(lambda: consume(iterator, batches), batches * config.train.batch_size)
 
 
 def training_loop(config, workdir: str) -> float:
@@ -122,12 +127,12 @@ def training_loop(config, workdir: str) -> float:
 
 def loop_config(config, steps: int, keep_intervals: bool = False):
     """A run of `steps` steps whose one progress line times them all; unless
-    `keep_intervals`, it samples and saves halfway and at the end."""
+    `keep_intervals`, it writes one sample grid and one checkpoint, at its last step."""
     config = config.copy_and_resolve_references()
     config.train.num_steps = steps
     config.log_every = steps
     if not keep_intervals:
-        config.sample_every = config.ckpt_every = (steps - 1) // 2 + 1
+        config.sample_every = config.ckpt_every = steps
     return config
 
 
