@@ -67,8 +67,8 @@ from torch import nn
 
 from dcgan_jax import cli
 from dcgan_jax.models import num_blocks
-from jax_step import (BETAS, CHANNELS, LR, NDF, NGF, NZ, SEED, compiled_step, jax_config,
-                      run_steps)
+from jax_step import (BETAS, CHANNELS, LR, NDF, NGF, NZ, SEED, compiled_step,
+                      cpu_description, jax_config, run_steps)
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Resolutions to time.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -305,7 +305,7 @@ def main(argv: list[str]) -> None:
     torch_desc = " ".join([torch_dtype()] + ["channels_last"] * FLAGS.torch_channels_last
                           + ["torch.compile"] * FLAGS.torch_compile)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{len(os.sched_getaffinity(0))} CPU cores")
+               else cpu_description())
     print(f"device: {machine}; jax {jax.__version__} ({jax.device_count()} x "
           f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"(threads={torch.get_num_threads()}, {torch_desc})")

@@ -34,6 +34,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from jax_step import cpu_description
 from dcgan_jax import cli, config as config_lib, data, parallel, prepared, step as step_lib
 from dcgan_jax import train
 
@@ -151,6 +152,7 @@ def main(argv):
     del argv
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     cpus = os.cpu_count()
+    print(f"host: {cpu_description()}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}); host cores: {cpus}; {FLAGS.images} JPEGs of 178x218; "
           f"batch {FLAGS.batch_size}, {FLAGS.dtype}")

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from jax_step import cpu_description
 from dcgan_jax import cli, config as config_lib, data
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Model resolutions.")
@@ -69,7 +70,8 @@ def images_per_second(folder: str, resolution: int, workers: int, mode: str,
 def main(argv):
     del argv
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
-    print(f"cpus: {os.cpu_count()}, {FLAGS.images} JPEGs per folder, batch {FLAGS.batch_size}")
+    print(f"host: {cpu_description()}; {FLAGS.images} JPEGs per folder, batch "
+          f"{FLAGS.batch_size}")
     print(f"{'res':>5} {'mode':>9} {'workers':>8} {'images/s':>10}")
     print("-" * 35)
     with tempfile.TemporaryDirectory() as root:

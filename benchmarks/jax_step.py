@@ -6,6 +6,7 @@ benchmarks run where only jax, flax, optax and absl are installed (no ml_collect
 
 from __future__ import annotations
 
+import os
 import time
 import types
 from typing import Any
@@ -20,14 +21,37 @@ LR, BETAS = 2e-4, (0.5, 0.999)
 SEED = 0
 
 
+# The flags that decide which CPU kernels are fast: RESULTS.md rows name them.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """This host's processor: model name, cores and its vector flags, from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return (f"{model}, {len(os.sched_getaffinity(0))} cores, "
+            f"{' '.join(present) or 'no AVX2'}")
+
+
 def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:
     """The fields of `dcgan_jax.config.get_default_config()` that the train step reads."""
     model = types.SimpleNamespace(resolution=resolution, channels=CHANNELS, nz=NZ, ngf=NGF,
                                   ndf=NDF, msg=False, msg_combine="simple",
-                                  leaky_slope=0.2)
+                                  leaky_slope=0.2, d_norm="batch")
     train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
-                                  beta2=BETAS[1], lr_decay=False, d_steps=1,
-                                  label_smoothing=0.0, ema_decay=0.0)
+                                  beta2=BETAS[1], lr_decay=False, d_steps=1, loss="ns",
+                                  label_smoothing=0.0, gradient_penalty="none", gp_weight=10.0,
+                                  augment="", ema_decay=0.0)
     data = types.SimpleNamespace(random_flip=False)
     return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train, data=data)
 

@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jax_step import cpu_description
 from dcgan_jax import cli, config as config_lib, parallel, step as step_lib
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Base config file.")
@@ -52,6 +53,7 @@ def time_step(config, steps: int) -> dict[str, float]:
 def main(argv):
     del argv
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
+    print(f"host: {cpu_description()}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}), jax {jax.__version__}")
     header = f"{'res':>5} {'msg':>5} {'batch':>6} {'dtype':>9} {'compile s':>10} " \

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
-from dcgan_jax import parallel, step as step_lib
+from dcgan_jax import parallel, paths, step as step_lib
 
 
 class CheckpointError(ValueError):
@@ -44,7 +44,7 @@ REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA")
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
 def _fid(metrics: dict[str, float]) -> float:
@@ -129,7 +129,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     path = os.path.join(manager.directory, str(step))
-    missing = [name for name in REQUIRED_FILES if not os.path.exists(os.path.join(path, name))]
+    missing = [name for name in REQUIRED_FILES if not paths.exists(os.path.join(path, name))]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} "
                               f"missing")
@@ -161,18 +161,16 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable")
     aside = os.path.join(folder, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-        os.makedirs(folder, exist_ok=True)
-        os.replace(os.path.join(manager.directory, str(step)), aside)
+        paths.move(os.path.join(manager.directory, str(step)), aside)
     manager.reload()
     return aside
 
 
 def read_run_config(workdir: str) -> Any:
     path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise CheckpointError(f"{path} does not exist; is {workdir!r} a dcgan_jax workdir?")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
+    return config_lib.from_json(paths.read_text(path))
 
 
 def check_resumable(config: Any, workdir: str) -> None:
@@ -203,8 +201,9 @@ def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.
         other = restore(make_manager(workdir, read_only=True), abstract)
     except CheckpointError as error:
         raise CheckpointError(f"config.init_from={workdir!r}: {error}") from None
-    mine = (state.g.params, state.d.params)
-    theirs = (other.g.params, other.d.params)
+    # Statistics too: spectral normalisation keeps its power iteration there.
+    mine = (state.g.params, state.d.params, state.g.batch_stats, state.d.batch_stats)
+    theirs = (other.g.params, other.d.params, other.g.batch_stats, other.d.batch_stats)
     if jax.tree.structure(mine) != jax.tree.structure(theirs) or any(
             a.shape != b.shape for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))):
         raise CheckpointError(f"config.init_from={workdir!r} holds networks of another "

@@ -1,21 +1,33 @@
 """The configuration schema: every field, its default, and the checks run before compiling.
 
-Config files in `configs/` start from `get_default_config()` and override a few fields;
-`validate` rejects unknown fields and bad values with one line naming the field.
+Config files in `configs/` start from `get_default_config()`, or from another config file
+through `overlay`, and override a few fields; `validate` rejects unknown fields and bad
+values with one line naming the field. Importing this module (or loading a config file)
+imports neither JAX, Flax nor TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import runpy
 from typing import Any
 
 import ml_collections
 
-from dcgan_jax.evaluation.inception import BLOCK_BY_DIMS
-from dcgan_jax.models import MAX_RESOLUTION, MIN_RESOLUTION, MSG_COMBINES
-
-FID_DIMS = tuple(BLOCK_BY_DIMS)
+# What dcgan_jax.models and dcgan_jax.evaluation.inception can build, kept here so that the
+# schema loads without JAX (tests/test_config_files.py checks that they agree).
+MIN_RESOLUTION = 32  # models.MIN_RESOLUTION
+MAX_RESOLUTION = 256  # models.MAX_RESOLUTION
+MSG_COMBINES = ("simple", "lin_cat", "cat_lin")  # models.MSG_COMBINES
+FID_DIMS = (64, 192, 768, 2048)  # tuple(inception.BLOCK_BY_DIMS)
+D_NORMS = ("batch", "spectral", "none")  # models.D_NORMS
+# The same for dcgan_jax.losses and dcgan_jax.augment (tests/test_losses.py checks them).
+LOSSES = ("ns", "hinge", "wgan", "lsgan")  # tuple(losses.OBJECTIVES)
+LOSSES_WITH_TARGETS = ("ns", "lsgan")  # those whose Objective.has_targets
+GRADIENT_PENALTIES = ("none", "wgan_gp", "r1")  # losses.PENALTY_NAMES
+AUGMENTATIONS = ("color", "translation", "cutout")  # tuple(augment.AUGMENTATIONS)
 DTYPES = ("float32", "bfloat16")
 PREPARED_MODES = ("auto", "off")
 DATASET_PATTERN = re.compile(
@@ -47,6 +59,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.model.msg_combine = "simple"
     # Negative slope of D's LeakyReLUs (DCGAN's 0.2).
     config.model.leaky_slope = 0.2
+    # D's normalisation: 'batch' (DCGAN's BatchNorm), 'spectral' (spectral norm of every
+    # convolution, Miyato et al. 2018) or 'none'.
+    config.model.d_norm = "batch"
 
     config.data = ml_collections.ConfigDict()
     # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
@@ -80,8 +95,20 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.train.lr_decay = False
     # D updates per G update, each on its own real batch.
     config.train.d_steps = 1
-    # One-sided: real targets become 1 - label_smoothing.
+    # The GAN objective: 'ns' (non-saturating cross-entropy, DCGAN's), 'hinge', 'wgan'
+    # (needs gradient_penalty='wgan_gp' or model.d_norm='spectral') or 'lsgan' (least
+    # squares). D's outputs are logged as probabilities for 'ns', as raw scores otherwise.
+    config.train.loss = "ns"
+    # One-sided: real targets become 1 - label_smoothing ('ns' and 'lsgan' only).
     config.train.label_smoothing = 0.0
+    # D's gradient penalty: 'none', 'wgan_gp' (gp_weight * (||grad D|| - 1)^2 at random
+    # interpolates of reals and fakes) or 'r1' (gp_weight / 2 * ||grad D||^2 on reals, so
+    # gp_weight is R1's gamma). Both need model.d_norm 'spectral' or 'none'.
+    config.train.gradient_penalty = "none"
+    config.train.gp_weight = 10.0
+    # DiffAugment of every image D sees, real or fake, in D's and G's updates: a comma list
+    # of 'color', 'translation' and 'cutout', applied in that order; empty: none.
+    config.train.augment = ""
     # Exponential moving average of G's weights, its decay ramped up as
     # min(ema_decay, (1 + step) / (10 + step)); 0 disables it. The averaged G keeps BatchNorm
     # statistics of its own, at the cost of one more G forward pass per step.
@@ -120,6 +147,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Sample grids: 'ROWSxCOLS', or 'N' for N x N.
     config.sample_grid = "8x8"
     return config
+
+
+def overlay(filename: str, beside: str) -> ml_collections.ConfigDict:
+    """The config of the config file `filename`, found in the folder of the file `beside`:
+    `overlay("celeba64.py", beside=__file__)` in a config file starts it from celeba64.py,
+    wherever the command runs and however the file is loaded (--config, runpy, importlib),
+    without touching sys.path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(beside)), filename)
+    return runpy.run_path(path)["get_config"]()
 
 
 def grid_shape(value: str) -> tuple[int, int]:
@@ -224,6 +260,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
     _require(train.d_steps >= 1, f"config.train.d_steps={train.d_steps} must be at least 1")
     _require(0 <= train.label_smoothing < 1,
              f"config.train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    _validate_objective(model, train)
     _require(0 <= train.ema_decay < 1,
              f"config.train.ema_decay={train.ema_decay} must be in [0, 1); 0 disables EMA")
     _require(0 <= model.leaky_slope < 1,
@@ -237,6 +274,37 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
     _require(bool(re.fullmatch(r"[1-9]\d*(x[1-9]\d*)?", config.sample_grid)),
              f"config.sample_grid={config.sample_grid!r} must be ROWSxCOLS, e.g. '4x8', or "
              f"N for N x N")
+
+
+def _validate_objective(model: ml_collections.ConfigDict,
+                        train: ml_collections.ConfigDict) -> None:
+    """The loss, penalty, D normalisation and augmentation, alone and together."""
+    _require(train.loss in LOSSES, f"config.train.loss={train.loss!r} must be one of {LOSSES}")
+    _require(train.gradient_penalty in GRADIENT_PENALTIES,
+             f"config.train.gradient_penalty={train.gradient_penalty!r} must be one of "
+             f"{GRADIENT_PENALTIES}")
+    _require(train.gp_weight > 0,
+             f"config.train.gp_weight={train.gp_weight} must be positive; "
+             f"config.train.gradient_penalty='none' turns penalties off")
+    _require(model.d_norm in D_NORMS,
+             f"config.model.d_norm={model.d_norm!r} must be one of {D_NORMS}")
+    names = train.augment.split(",") if train.augment else []
+    _require(all(n in AUGMENTATIONS for n in names) and len(set(names)) == len(names),
+             f"config.train.augment={train.augment!r} must be empty or a comma list, without "
+             f"spaces or repeats, of {', '.join(AUGMENTATIONS)}")
+    _require(train.label_smoothing == 0 or train.loss in LOSSES_WITH_TARGETS,
+             f"config.train.label_smoothing={train.label_smoothing} needs a loss with "
+             f"targets, and config.train.loss={train.loss!r} has none; use 0, or a loss of "
+             f"{LOSSES_WITH_TARGETS}")
+    _require(train.gradient_penalty == "none" or model.d_norm != "batch",
+             f"config.train.gradient_penalty={train.gradient_penalty!r} needs "
+             f"config.model.d_norm='spectral' or 'none', not 'batch': BatchNorm mixes the "
+             f"images of a batch, so per-image input gradients mean nothing")
+    _require(train.loss != "wgan" or train.gradient_penalty == "wgan_gp"
+             or model.d_norm == "spectral",
+             f"config.train.loss='wgan' needs config.train.gradient_penalty='wgan_gp' or "
+             f"config.model.d_norm='spectral' (not {train.gradient_penalty!r} and "
+             f"{model.d_norm!r}): an unconstrained critic's scores grow without bound")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:

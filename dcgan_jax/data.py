@@ -30,15 +30,23 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from dcgan_jax import prepared
+from dcgan_jax import paths, prepared
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = "~/.cache/dcgan_jax"
 
 
 def cache_root(cache_dir: str) -> str:
-    """config.data.cache_dir, or the default: where downloads and statistics are kept."""
-    return os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+    """config.data.cache_dir, or the default: where FID weights and statistics are kept
+    (a bucket, gs://..., works too)."""
+    return cache_dir if paths.is_remote(cache_dir) else os.path.expanduser(
+        cache_dir or DEFAULT_CACHE_DIR)
+
+
+def local_cache_root(cache_dir: str) -> str:
+    """Where prepared data and downloaded datasets are kept: `cache_root`, or the default
+    when that is a bucket, as they are memory-mapped or read by file name."""
+    return cache_root("" if paths.is_remote(cache_dir) else cache_dir)
 
 
 class DataError(ValueError):
@@ -137,7 +145,7 @@ def open_source(dataset: str, cache_dir: str = "", tfds_data_dir: str = "") -> S
     if kind == "folder":
         return list_image_files(os.path.expanduser(rest))
     if kind == "kaggle":
-        return list_image_files(kaggle_folder(rest, cache_root(cache_dir)))
+        return list_image_files(kaggle_folder(rest, local_cache_root(cache_dir)))
     raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds:, folder: or "
                     f"kaggle:")
 
@@ -413,7 +421,7 @@ def decoded_chunks(config: Any, records: Sequence[Any],
 def prepared_folder(config: Any, shard_: prepared.Shard) -> str:
     name = prepared.folder_name(config.dataset, config.model.resolution, config.model.channels,
                                 config.data.crop, shard_)
-    return os.path.join(cache_root(config.data.cache_dir), "prepared", name)
+    return os.path.join(local_cache_root(config.data.cache_dir), "prepared", name)
 
 
 def prepare_shard(config: Any, source: Sequence[Any], shard_: prepared.Shard,
@@ -428,6 +436,10 @@ def prepare_shard(config: Any, source: Sequence[Any], shard_: prepared.Shard,
     shape = (config.model.resolution, config.model.resolution, config.model.channels)
     meta = {"dataset": config.dataset, "crop": config.data.crop, "source_count": len(source),
             "shard": [shard_.index, shard_.count]}
+    if paths.is_remote(config.data.cache_dir):
+        say(f"config.data.cache_dir={config.data.cache_dir} is a bucket: prepared data, "
+            f"memory-mapped, stays on this host's disk under "
+            f"{local_cache_root(config.data.cache_dir)}")
     return prepared.find_or_prepare(
         prepared_folder(config, shard_), records,
         prepared.source_fingerprint(config.dataset, source),

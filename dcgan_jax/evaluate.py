@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from dcgan_jax import paths  # noqa: E402
 from dcgan_jax.evaluation import weights  # noqa: E402
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def _folder_statistics(path: str, extractor: features.FeatureExtractor | None
                        ) -> metrics.Statistics:
     from dcgan_jax.evaluation import features, metrics
     if path.endswith(".npz"):
-        if not os.path.isfile(path):
+        if not paths.is_file(path):
             raise metrics.MetricError(f"statistics file {path} does not exist")
         return metrics.Statistics.load(path)
     found = extractor.of_batches(features.folder_images(path, extractor.batch_size))
@@ -165,11 +166,10 @@ def _check_inputs() -> str | None:
     path, allow = FLAGS.fid_weights, FLAGS.allow_unknown_weights
     if FLAGS.workdir:
         config_path = os.path.join(FLAGS.workdir, "config.json")
-        if not os.path.isfile(config_path):
+        if not paths.is_file(config_path):
             return f"{config_path} does not exist; is {FLAGS.workdir!r} a dcgan_jax workdir?"
         try:
-            with open(config_path) as f:
-                saved = json.load(f)["eval"]
+            saved = json.loads(paths.read_text(config_path))["eval"]
             path = _override(path, saved.get("fid_weights", ""))
             allow = _override(allow, saved.get("allow_unknown_weights", False))
         except (OSError, ValueError, LookupError, TypeError, AttributeError):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from dcgan_jax import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,17 +36,10 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    """Writes a uint8 HWC image atomically, so a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        to_pil(image).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes a uint8 HWC image atomically (on a disk or in a bucket), so a crash never
+    leaves a half-written file."""
+    with paths.atomic_write(path) as f:
+        to_pil(image).save(f, format="PNG")
 
 
 def upscale(image: Image.Image, min_width: int) -> Image.Image:
@@ -61,6 +55,14 @@ def save_gif(path: str, frames: Sequence[np.ndarray], fps: float, min_width: int
     """A looping GIF of uint8 HW or HWC frames, upscaled to `min_width`: viewers show a GIF at
     its pixel size, and a 32-pixel one is a speck."""
     pictures = [upscale(to_pil(frame), min_width) for frame in frames]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    pictures[0].save(path, save_all=True, append_images=pictures[1:],
-                     duration=round(1000 / fps), loop=0)
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "GIF")
+    with paths.atomic_write(path) as f:
+        pictures[0].save(f, format=image_format, save_all=True, append_images=pictures[1:],
+                         duration=round(1000 / fps), loop=0)
+
+
+def save_figure(figure: Any, path: str, dpi: int) -> None:
+    """A matplotlib figure, written atomically on a disk or in a bucket, in the format its
+    extension names (PNG without one)."""
+    with paths.atomic_write(path) as f:
+        figure.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)

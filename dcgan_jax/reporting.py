@@ -18,7 +18,11 @@ import numpy as np
 import tensorflow as tf
 from clu import metric_writers, parameter_overview
 
-from dcgan_jax import config as config_lib, parallel
+from dcgan_jax import config as config_lib, losses, parallel, paths
+
+# How often a bucket workdir receives the events and metrics.jsonl written so far.
+BUCKET_SYNC_SECONDS = 60.0
+
 
 class NonFiniteLossError(FloatingPointError):
     """A logged loss, or a weight about to be saved, became NaN or infinite."""
@@ -59,7 +63,7 @@ def parameter_table(name: str, params: Any) -> str:
 def truncate_metrics(path: str, last_step: int) -> None:
     """Drops lines logged after `last_step`, the checkpoint a resumed run continues from,
     and any line a crash left half-written."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return
 
     def kept(line: str) -> bool:
@@ -68,27 +72,37 @@ def truncate_metrics(path: str, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             return False
 
-    with open(path) as f:
-        lines = [line if line.endswith("\n") else line + "\n" for line in f if kept(line)]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, "".join(line + "\n" for line in paths.read_text(path).splitlines()
+                                   if kept(line)))
 
 
 class Reporter:
-    """Progress lines, `metrics.jsonl` and TensorBoard scalars and images."""
+    """Progress lines, `metrics.jsonl` and TensorBoard scalars and images.
+
+    `d_output` says what the logged D outputs are (`losses.Objective.d_output`): the
+    progress line names them D(x) for probabilities and score(x) for raw scores, and each
+    metrics.jsonl line of training says which in its `d_output` field.
+    """
 
     def __init__(self, workdir: str, total_steps: int, steps_per_epoch: int,
-                 num_epochs: int, images_per_step: int, learning_rates: dict[str, Any]):
+                 num_epochs: int, images_per_step: int, learning_rates: dict[str, Any],
+                 d_output: str = losses.PROBABILITY):
         self.is_writer = jax.process_index() == 0
+        # Objects in a bucket cannot be appended to: there, the events and metrics.jsonl
+        # are written in a local folder that is copied up now and then (see `_sync`).
+        self.mirror = (paths.Mirror(workdir, fetch=("metrics.jsonl",))
+                       if self.is_writer and paths.is_remote(workdir) else None)
+        folder = self.mirror.local if self.mirror else workdir
         self.writer = metric_writers.create_default_writer(
-            workdir, just_logging=not self.is_writer, asynchronous=True)
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            folder, just_logging=not self.is_writer, asynchronous=True)
+        self.jsonl_path = os.path.join(folder, "metrics.jsonl")
+        self._last_sync = time.monotonic()
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.num_epochs = num_epochs
         self.images_per_step = images_per_step
         self.learning_rates = learning_rates
+        self.d_output = d_output
         self._pending: tuple[int, dict[str, jax.Array]] | None = None
         self._last_time: float | None = None
         self._last_step = 0
@@ -110,11 +124,21 @@ class Reporter:
         """
         if self._pending is not None:
             self.write(*self._pending)
+            self._sync(every=BUCKET_SYNC_SECONDS)
         self._pending = (step, metrics) if metrics is not None else None
 
     def flush(self) -> None:
         self.push(0, None)
         self.writer.flush()
+        self._sync()
+
+    def _sync(self, every: float = 0.0) -> None:
+        """Copies a bucket workdir's events and metrics.jsonl up, unless the last copy is
+        less than `every` seconds old: each copy uploads the files whole."""
+        if self.mirror is not None and time.monotonic() - self._last_sync >= every:
+            self.writer.flush()
+            self.mirror.sync()
+            self._last_sync = time.monotonic()
 
     def write(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
         values = {k: float(v) for k, v in parallel.fetch(device_metrics).items()}
@@ -136,14 +160,16 @@ class Reporter:
             return
         self.writer.write_scalars(step, values)
         with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(), **values})
-                    + "\n")
+            f.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(), **values,
+                                "d_output": self.d_output}) + "\n")
         eta = (datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_sec))
                if steps_per_sec > 0 else "?")
+        d = losses.D_OUTPUT_NAMES[self.d_output]
+        penalty = f" (penalty {values['penalty']:.3f})" if "penalty" in values else ""
         say(f"[{datetime.datetime.now():%H:%M:%S}] epoch {epoch}/{self.num_epochs} "
-            f"step {step}/{self.total_steps} | loss_D {values['loss_d']:.3f} "
-            f"loss_G {values['loss_g']:.3f} D(x) {values['d_real']:.3f} "
-            f"D(G(z)) {values['d_fake_before']:.3f}/{values['d_fake_after']:.3f} | "
+            f"step {step}/{self.total_steps} | loss_D {values['loss_d']:.3f}{penalty} "
+            f"loss_G {values['loss_g']:.3f} {d}(x) {values['d_real']:.3f} "
+            f"{d}(G(z)) {values['d_fake_before']:.3f}/{values['d_fake_after']:.3f} | "
             f"{steps_per_sec:.2f} step/s {values['images_per_sec']:.0f} img/s | ETA {eta}")
 
     def write_evaluation(self, step: int, values: dict[str, float], seconds: float,

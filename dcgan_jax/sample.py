@@ -20,7 +20,6 @@ GIFs narrower than 256 pixels are enlarged by a whole factor, nearest neighbour.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import sys
@@ -35,7 +34,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from dcgan_jax import checkpoints, images, parallel, step as step_lib  # noqa: E402
+from dcgan_jax import checkpoints, images, parallel, paths, step as step_lib  # noqa: E402
+from dcgan_jax.losses import D_OUTPUT_NAMES, PROBABILITY  # noqa: E402
 
 MODES = ("grid", "files", "interpolate", "gif", "real_vs_fake", "plot", "fid", "summary")
 
@@ -115,7 +115,7 @@ def segment_rows(path_images: np.ndarray, frames: int) -> np.ndarray:
 def output_path(workdir: str, default_name: str) -> str:
     """--out, or WORKDIR/figures/default_name; its folder is created."""
     path = FLAGS.out or os.path.join(workdir, "figures", default_name)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    paths.make_dirs(os.path.dirname(paths.absolute(path)))
     return path
 
 
@@ -127,7 +127,7 @@ def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: 
     from tqdm import tqdm
     devices = jax.device_count()
     batch_size = -(-batch_size // devices) * devices
-    os.makedirs(folder, exist_ok=True)
+    paths.make_dirs(folder)
     with tqdm(total=num, unit="img", desc=f"writing {folder}") as progress:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
@@ -155,13 +155,13 @@ def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, 
 
 def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
     """The run's sample grids as a GIF: the EMA ones when asked for and present."""
-    grids = sorted(glob.glob(os.path.join(workdir, "samples", "step_*.png")))
+    grids = paths.glob(os.path.join(workdir, "samples"), "step_*.png")
     averaged = [p for p in grids if p.endswith("_ema.png")]
     frames = averaged if ema and averaged else [p for p in grids if p not in averaged]
     if not frames:
         raise checkpoints.CheckpointError(
             f"no sample grids in {os.path.join(workdir, 'samples')}; train first")
-    images.save_gif(path, [iio.imread(p) for p in frames], fps)
+    images.save_gif(path, [iio.imread(paths.read_bytes(p)) for p in frames], fps)
     return len(frames)
 
 
@@ -181,7 +181,7 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> Non
         ax.set_title(title)
         ax.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    images.save_figure(figure, path, dpi=100)
     plt.close(figure)
 
 
@@ -189,10 +189,10 @@ def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
     """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations;
     `absent` tells what to do when there are none."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise checkpoints.CheckpointError(f"{path} does not exist; train first")
-    with open(path) as f:
-        rows = [row for line in f if line.strip() and key in (row := json.loads(line))]
+    rows = [row for line in paths.read_text(path).splitlines()
+            if line.strip() and key in (row := json.loads(line))]
     if not rows:
         raise checkpoints.CheckpointError(f"{path} holds no {key} values{absent}")
     return rows
@@ -208,16 +208,19 @@ def write_plot(workdir: str, path: str) -> int:
     losses.plot(steps, [r["loss_d"] for r in rows], label="loss D")
     losses.plot(steps, [r["loss_g"] for r in rows], label="loss G")
     losses.set_ylabel("loss")
-    outputs.plot(steps, [r["d_real"] for r in rows], label="D(x)")
-    outputs.plot(steps, [r["d_fake_before"] for r in rows], label="D(G(z)) before D update")
-    outputs.plot(steps, [r["d_fake_after"] for r in rows], label="D(G(z)) after D update")
-    outputs.set_ylabel("D output")
+    # Runs logged before d_output was written were all of the probability kind.
+    kind = rows[-1].get("d_output", PROBABILITY)
+    d = D_OUTPUT_NAMES[kind]
+    outputs.plot(steps, [r["d_real"] for r in rows], label=f"{d}(x)")
+    outputs.plot(steps, [r["d_fake_before"] for r in rows], label=f"{d}(G(z)) before D update")
+    outputs.plot(steps, [r["d_fake_after"] for r in rows], label=f"{d}(G(z)) after D update")
+    outputs.set_ylabel(f"D output ({kind})")
     outputs.set_xlabel("step")
     for ax in (losses, outputs):
         ax.legend()
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    images.save_figure(figure, path, dpi=100)
     plt.close(figure)
     return len(rows)
 
@@ -251,7 +254,7 @@ def write_fid_plot(workdir: str, path: str) -> tuple[int, dict]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    images.save_figure(figure, path, dpi=100)
     plt.close(figure)
     return len(rows), best
 

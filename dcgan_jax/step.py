@@ -1,5 +1,8 @@
 """The GAN state and the one jitted step that updates D `d_steps` times and G once.
 
+The objective, D's gradient penalty and the augmentation of D's inputs are picked by name
+(config.train.loss, gradient_penalty, augment) from `losses` and `augment`.
+
 Only jax, flax and optax are imported here, so the models and the step run on machines
 without the input or logging stack. `config` is any object with the fields of
 `dcgan_jax.config.get_default_config()`.
@@ -17,13 +20,20 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from dcgan_jax import parallel
-from dcgan_jax.models import Discriminator, Generator, image_pyramid, num_scales
+from dcgan_jax import augment, losses, parallel
+from dcgan_jax.models import Discriminator, Generator, Pyramid, image_pyramid, num_scales
 
 Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
+    """A network's parameters, optimizer and `batch_stats` (BatchNorm statistics, or the
+    power-iteration state of spectral normalisation).
+
+    Its apply_fn is None: wherever the networks run they are built from the config
+    (`build_models`), so a state holds only arrays and checkpoints only those.
+    """
+
     batch_stats: Any = None
 
 
@@ -45,7 +55,7 @@ def build_models(config: Any) -> tuple[Generator, Discriminator]:
                           msg=m.msg, dtype=dtype)
     discriminator = Discriminator(resolution=m.resolution, base_channels=m.ndf, msg=m.msg,
                                   msg_combine=m.msg_combine, leaky_slope=m.leaky_slope,
-                                  dtype=dtype)
+                                  norm=m.d_norm, dtype=dtype)
     return generator, discriminator
 
 
@@ -78,10 +88,11 @@ def _init_state(rng: jax.Array, config: Any, total_steps: int) -> GANState:
                             num_scales(m.resolution, m.msg))
     d_vars = discriminator.init(d_key, pyramid, train=False)
     g_tx, d_tx = _optimizers(config, total_steps)
-    g = TrainState.create(apply_fn=generator.apply, params=g_vars["params"],
+    g = TrainState.create(apply_fn=None, params=g_vars["params"],
                           batch_stats=g_vars["batch_stats"], tx=g_tx)
-    d = TrainState.create(apply_fn=discriminator.apply, params=d_vars["params"],
-                          batch_stats=d_vars["batch_stats"], tx=d_tx)
+    # A D without BatchNorm or spectral normalisation has no batch_stats.
+    d = TrainState.create(apply_fn=None, params=d_vars["params"],
+                          batch_stats=d_vars.get("batch_stats", {}), tx=d_tx)
     ema = ({"params": g.params, "batch_stats": g.batch_stats}
            if config.train.ema_decay > 0 else None)
     return GANState(g=g, d=d, ema=ema, rng=state_key, step=jnp.zeros((), jnp.int32))
@@ -101,11 +112,6 @@ def abstract_train_state(config: Any, mesh: Mesh, total_steps: int) -> GANState:
     sharding = parallel.replicated(mesh)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def bce(logits: jax.Array, target: float) -> jax.Array:
-    """Mean binary cross-entropy of logits against a constant target."""
-    return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)).mean()
 
 
 def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
@@ -128,8 +134,17 @@ def latent_sequence(seed: int | jax.Array, indices: jax.Array, nz: int) -> jax.A
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (nz,)))(indices)
 
 
-# The key stream of flips: beyond the D updates' indices in `latent_batch`.
+# Key streams of a step beyond the D updates' indices in `latent_batch`: flips, the
+# augmentations of D's inputs, and the interpolates of gradient penalties.
 FLIP_STREAM = 2**31 - 1
+AUGMENT_STREAM = 2**31 - 2
+PENALTY_STREAM = 2**31 - 3
+
+
+def stream_key(rng: jax.Array, step: jax.Array, stream: int, index: int) -> jax.Array:
+    """The key of draw `index` of `stream` in `step`: a pure function of (rng, step), so
+    any device count, and a resumed run, draw alike."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, step), stream), index)
 
 
 def random_flips(images: jax.Array, rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -147,10 +162,18 @@ def train_step(state: GANState, real: jax.Array, config: Any,
     `real` is [d_steps, batch, H, W, C], uint8 or in [-1, 1], flipped here when
     config.data.random_flip. G's update reuses the fake batch of
     the last D update (as pytorch/examples does): its forward pass is kept as a VJP, so
-    G runs once per D update and no forward pass is recomputed.
+    G runs once per D update and no forward pass is recomputed. With augmentation, reals
+    and fakes each draw their own parameters in every D update, and G's update draws anew.
+
+    Metrics: the losses (D's includes its penalty, also logged alone as `penalty`) and D's
+    mean outputs on reals, and on fakes before and after D's update(s), as
+    `losses.Objective.readout` gives them.
     """
     generator, discriminator = build_models(config)
     m, t = config.model, config.train
+    objective = losses.objective(t.loss)
+    penalty = losses.GRADIENT_PENALTIES.get(t.gradient_penalty)
+    policy = augment.parse_policy(t.augment)
     scales = num_scales(m.resolution, m.msg)
     batch = real.shape[1]
     if config.data.random_flip:
@@ -164,16 +187,29 @@ def train_step(state: GANState, real: jax.Array, config: Any,
         return fake, updates["batch_stats"]
 
     def discriminate(d_params, d_stats, pyramid):
-        logits, updates = discriminator.apply({"params": d_params, "batch_stats": d_stats},
-                                              pyramid, train=True, mutable=["batch_stats"])
-        return logits, updates["batch_stats"]
+        outputs, updates = discriminator.apply({"params": d_params, "batch_stats": d_stats},
+                                               pyramid, train=True, mutable=["batch_stats"])
+        return outputs, updates.get("batch_stats", {})
 
-    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid):
-        real_logits, d_stats = discriminate(d_params, d_stats, real_pyramid)
-        fake_logits, d_stats = discriminate(d_params, d_stats, fake_pyramid)
-        loss = bce(real_logits, 1.0 - t.label_smoothing) + bce(fake_logits, 0.0)
-        return loss, (d_stats, jax.nn.sigmoid(real_logits).mean(),
-                      jax.nn.sigmoid(fake_logits).mean())
+    def augmented(pyramid: Pyramid, use: int) -> Pyramid:
+        if not policy:
+            return pyramid
+        key = stream_key(state.rng, state.step, AUGMENT_STREAM, use)
+        return augment.diff_augment(pyramid, policy, key)
+
+    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid, index):
+        real_outputs, d_stats = discriminate(d_params, d_stats, real_pyramid)
+        fake_outputs, d_stats = discriminate(d_params, d_stats, fake_pyramid)
+        loss = objective.d_loss(real_outputs, fake_outputs, t.label_smoothing)
+        weighted_penalty = jnp.zeros(())
+        if penalty is not None:
+            value, d_stats = penalty(functools.partial(discriminate, d_params, d_stats),
+                                     real_pyramid, fake_pyramid,
+                                     stream_key(state.rng, state.step, PENALTY_STREAM, index))
+            weighted_penalty = t.gp_weight * value
+            loss = loss + weighted_penalty
+        return loss, (d_stats, objective.readout(real_outputs).mean(),
+                      objective.readout(fake_outputs).mean(), weighted_penalty)
 
     d, g_stats = state.d, state.g.batch_stats
     d_metrics = []
@@ -186,16 +222,18 @@ def train_step(state: GANState, real: jax.Array, config: Any,
                 lambda p: generate(p, g_stats, z), state.g.params, has_aux=True)
         else:
             fake, g_stats = generate(state.g.params, g_stats, z)
-        real_pyramid = image_pyramid(real[i], scales)
+        real_pyramid = augmented(image_pyramid(real[i], scales), 2 * i)
+        fake_pyramid = augmented(jax.lax.stop_gradient(fake), 2 * i + 1)
         grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
-        (loss_d, (d_stats, d_real, d_fake)), d_grads = grad_fn(
-            d.params, d.batch_stats, real_pyramid, jax.lax.stop_gradient(fake))
+        (loss_d, (d_stats, d_real, d_fake, weighted_penalty)), d_grads = grad_fn(
+            d.params, d.batch_stats, real_pyramid, fake_pyramid, i)
         d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
-        d_metrics.append((loss_d, d_real, d_fake))
+        d_metrics.append((loss_d, d_real, d_fake, weighted_penalty))
 
     def g_loss_fn(fake_pyramid):
-        logits, d_stats = discriminate(d.params, d.batch_stats, fake_pyramid)
-        return bce(logits, 1.0), (d_stats, jax.nn.sigmoid(logits).mean())
+        outputs, d_stats = discriminate(d.params, d.batch_stats,
+                                        augmented(fake_pyramid, 2 * t.d_steps))
+        return objective.g_loss(outputs), (d_stats, objective.readout(outputs).mean())
 
     (loss_g, (d_stats, d_fake_after)), fake_grads = jax.value_and_grad(
         g_loss_fn, has_aux=True)(fake)
@@ -213,9 +251,11 @@ def train_step(state: GANState, real: jax.Array, config: Any,
         _, ema_stats = generate(ema_params, ema["batch_stats"], z)
         ema = {"params": ema_params, "batch_stats": ema_stats}
 
-    loss_d, d_real, d_fake = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
+    loss_d, d_real, d_fake, weighted_penalty = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
     metrics = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real,
                "d_fake_before": d_fake, "d_fake_after": d_fake_after}
+    if penalty is not None:
+        metrics["penalty"] = weighted_penalty
     new_state = GANState(g=g, d=d, ema=ema, rng=state.rng, step=state.step + 1)
     return new_state, metrics
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from dcgan_jax import checkpoints, data, images, parallel, reporting
+from dcgan_jax import checkpoints, data, images, losses, parallel, paths, reporting
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
@@ -64,10 +64,8 @@ def _say_every_process(line: str) -> None:
 
 def _write_config(config: Any, workdir: str) -> None:
     if jax.process_index() == 0:
-        path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-        with open(path + ".tmp", "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(path + ".tmp", path)
+        paths.write_text(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                         config_lib.to_json(config))
 
 
 def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
@@ -121,7 +119,7 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
         reporting.truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
 
     samples_dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(samples_dir, "real.png")):
+    if jax.process_index() == 0 and not paths.exists(os.path.join(samples_dir, "real.png")):
         real = data.sample_images(config, source, grid_rows * grid_cols)
         images.save_png(os.path.join(samples_dir, "real.png"), images.make_grid(real, grid_rows))
 
@@ -136,7 +134,8 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
 
     reporter = reporting.Reporter(workdir, total_steps, steps_per_epoch, num_epochs,
                                   config.train.batch_size * config.train.d_steps,
-                                  step_lib.learning_rate_fns(config, total_steps))
+                                  step_lib.learning_rate_fns(config, total_steps),
+                                  losses.objective(config.train.loss).d_output)
     evaluator = None
     if evaluate_every:
         from dcgan_jax.evaluation.evaluator import Evaluator

@@ -5,10 +5,11 @@
     DIR/samples/             grids of G every sample_every steps, and real.png
     DIR/figures/             what `dcgan_jax.sample` writes by default
     DIR/checkpoints/STEP/    orbax checkpoints
-    DIR/run.lock             held by the run training in DIR
+    DIR/run.lock             held by the run training in DIR (not in a bucket)
 
-Only the standard library is imported here, so the command lines can check a workdir
-before loading anything heavy.
+DIR may be a bucket (gs://BUCKET/RUN), which every host of a pod reaches. Only the
+standard library and etils.epath are imported here, so the command lines can check a
+workdir before loading anything heavy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 import socket
 from typing import Iterator
+
+from dcgan_jax import paths
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -36,8 +39,10 @@ class WorkdirError(ValueError):
 
 def create(workdir: str) -> str:
     """Creates the workdir if needed and checks that this user can write it; returns its
-    absolute path."""
-    path = os.path.abspath(os.path.expanduser(workdir))
+    absolute path (a bucket URL as given)."""
+    if paths.is_remote(workdir):
+        return _check_bucket(workdir)
+    path = paths.absolute(workdir)
     try:
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -52,6 +57,27 @@ def create(workdir: str) -> str:
     return path
 
 
+def _check_bucket(workdir: str) -> str:
+    """A bucket has no folders to create or permissions to read ahead: check that the
+    bucket can be reached and that the workdir is not an object."""
+    path = paths.absolute(workdir)
+    scheme, _, rest = path.partition("://")
+    bucket = f"{scheme}://{rest.split('/')[0]}"
+    try:
+        reachable = paths.exists(bucket)
+        is_object = reachable and paths.is_file(path)
+    except Exception as error:  # each file system backend raises its own types
+        raise WorkdirError(f"--workdir={workdir} cannot be reached: "
+                           f"{(str(error).strip().splitlines() or [repr(error)])[0]}") from None
+    if not reachable:
+        raise WorkdirError(f"--workdir={workdir}: bucket {bucket} does not exist or cannot be "
+                           f"read with this machine's credentials")
+    if is_object:
+        raise WorkdirError(f"--workdir={workdir} is an object, not a folder; choose another "
+                           f"path")
+    return path
+
+
 @contextlib.contextmanager
 def locked(workdir: str, take: bool = True) -> Iterator[None]:
     """Holds an exclusive lock on DIR/run.lock while the block runs (when `take`).
@@ -59,8 +85,14 @@ def locked(workdir: str, take: bool = True) -> Iterator[None]:
     The lock is the kernel's (flock), so a killed run leaves no stale lock: the file stays,
     with the last holder's host and pid, but blocks no one. A second run fails at once,
     naming the holder. On several hosts, process 0 alone takes it for the whole run.
+    A bucket has no such locks: in a bucket workdir nothing is taken, and one line says so.
     """
     if not take:
+        yield
+        return
+    if paths.is_remote(workdir):
+        print(f"Note: {workdir} is in a bucket, which has no locks: nothing stops another "
+              f"run from using it at the same time", flush=True)
         yield
         return
     path = os.path.join(workdir, LOCK_FILE)
@@ -89,8 +121,9 @@ def locked(workdir: str, take: bool = True) -> Iterator[None]:
 
 def ensure_free(workdir: str) -> None:
     """Raises WorkdirError at once if a run holds the workdir (before a slow start-up)."""
-    with locked(workdir):
-        pass
+    if not paths.is_remote(workdir):
+        with locked(workdir):
+            pass
 
 
 def _holder(fd: int) -> str:

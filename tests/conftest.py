@@ -8,6 +8,10 @@ from helpers import COMPILATION_CACHE
 from tiny_config import tiny_config
 
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+# The in-process tests compile many small programs and run each a few times: XLA's
+# optimisations cost more than they save. Command lines started by the tests (marked slow)
+# compile as users' runs do.
+jax.config.update("jax_disable_most_optimizations", True)
 # Grain's worker processes read absl flags, which the command line parses in real runs.
 flags.FLAGS.mark_as_parsed()
 

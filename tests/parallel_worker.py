@@ -1,9 +1,10 @@
 """Three train steps of the tiny config on every device of every process; prints JSON.
 
 Run by test_parallel.py under different device and process counts, which must agree.
-`--random_flip` flips real images on the device. `--patch_forms` makes a CPU take its patch-matrix convolutions at every layer, one image
-per batch chunk, as it otherwise does only for wide layers.
-"""
+`--random_flip` flips real images on the device. `--patch_forms` makes a CPU take its
+patch-matrix convolutions at every layer, one image per batch chunk, as it otherwise does
+only for wide layers. `--loss`, `--gradient_penalty`, `--d_norm` and `--augment` set the
+config fields of those names."""
 
 import argparse
 import json
@@ -15,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dcgan_jax import models, parallel, step as step_lib  # noqa: E402
+from dcgan_jax import config as config_lib, parallel, step as step_lib, strided_conv  # noqa: E402
 from tiny_config import tiny_config  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -25,10 +26,14 @@ parser.add_argument("--coordinator_address", default=None)
 parser.add_argument("--msg", action="store_true")
 parser.add_argument("--patch_forms", action="store_true")
 parser.add_argument("--random_flip", action="store_true")
+parser.add_argument("--loss", default="ns")
+parser.add_argument("--gradient_penalty", default="none")
+parser.add_argument("--d_norm", default="batch")
+parser.add_argument("--augment", default="")
 args = parser.parse_args()
 if args.patch_forms:
-    models.PATCHES_MIN_CHANNELS = models.FEW_CHANNELS
-    models.CONV_CHUNK_BYTES = models.KERNEL_GRAD_CHUNK_BYTES = 1
+    strided_conv.PATCHES_MIN_CHANNELS = strided_conv.FEW_CHANNELS
+    strided_conv.CONV_CHUNK_BYTES = strided_conv.KERNEL_GRAD_CHUNK_BYTES = 1
 
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -36,7 +41,10 @@ if args.num_processes > 1:
                                     args.process_id)
 
 config = tiny_config(train__batch_size=8, model__msg=args.msg,
-                     data__random_flip=args.random_flip)
+                     data__random_flip=args.random_flip, train__loss=args.loss,
+                     train__gradient_penalty=args.gradient_penalty, model__d_norm=args.d_norm,
+                     train__augment=args.augment)
+config_lib.validate(config, jax.device_count(), jax.process_count())
 mesh = parallel.make_mesh()
 state = step_lib.create_train_state(config, mesh, total_steps=10)
 batches = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 32, 32, 1), dtype=np.uint8)

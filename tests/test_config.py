@@ -42,6 +42,28 @@ BAD_VALUES = [
     ({"sample_grid": "four"}, "config.sample_grid='four' must be ROWSxCOLS"),
     ({"model__leaky_slope": 1.0}, "config.model.leaky_slope=1.0 must be in [0, 1)"),
     ({"model__leaky_slope": -0.1}, "config.model.leaky_slope=-0.1 must be in [0, 1)"),
+    ({"train__loss": "bce"}, "config.train.loss='bce' must be one of ('ns', 'hinge', 'wgan'"),
+    ({"train__gradient_penalty": "gp"}, "config.train.gradient_penalty='gp' must be one of"),
+    ({"train__gp_weight": 0.0}, "config.train.gp_weight=0.0 must be positive"),
+    ({"train__gp_weight": -10.0}, "config.train.gp_weight=-10.0 must be positive"),
+    ({"model__d_norm": "layer"}, "config.model.d_norm='layer' must be one of ('batch', "),
+    ({"train__augment": "colour"}, "config.train.augment='colour' must be empty or a comma"),
+    ({"train__augment": "color, cutout"}, "config.train.augment='color, cutout' must be"),
+    ({"train__augment": "cutout,cutout"}, "config.train.augment='cutout,cutout' must be"),
+    ({"train__augment": "color,"}, "config.train.augment='color,' must be"),
+    ({"train__loss": "hinge", "train__label_smoothing": 0.1},
+     "config.train.label_smoothing=0.1 needs a loss with targets, and "
+     "config.train.loss='hinge' has none"),
+    ({"train__gradient_penalty": "wgan_gp"},
+     "config.train.gradient_penalty='wgan_gp' needs config.model.d_norm='spectral' or 'none', "
+     "not 'batch'"),
+    ({"train__gradient_penalty": "r1"}, "config.train.gradient_penalty='r1' needs "
+                                        "config.model.d_norm='spectral' or 'none'"),
+    ({"train__loss": "wgan", "model__d_norm": "none"},
+     "config.train.loss='wgan' needs config.train.gradient_penalty='wgan_gp' or "
+     "config.model.d_norm='spectral'"),
+    ({"train__loss": "wgan", "train__gradient_penalty": "r1", "model__d_norm": "none"},
+     "config.train.loss='wgan' needs"),
 ]
 
 
@@ -75,6 +97,18 @@ def test_bad_values(overrides, message):
     with pytest.raises(config_lib.ConfigError) as error:
         config_lib.validate(tiny_config(**overrides))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train__loss": "wgan", "train__gradient_penalty": "wgan_gp", "model__d_norm": "none",
+     "train__augment": "cutout,color,translation"},
+    {"train__loss": "wgan", "model__d_norm": "spectral"},
+    {"train__loss": "lsgan", "train__label_smoothing": 0.1, "model__d_norm": "none"},
+    {"train__loss": "hinge", "train__gradient_penalty": "r1", "model__d_norm": "spectral",
+     "train__gp_weight": 0.1},
+])
+def test_objectives_that_make_sense_pass(overrides):
+    config_lib.validate(tiny_config(**overrides))
 
 
 def test_batch_must_divide_by_devices_and_processes():
@@ -117,6 +151,7 @@ def test_json_round_trip():
     assert restored.to_dict() == config.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,message", [
     ("--config.train.foo=1", "--config.train.foo is not a known config field"),
     ("--config.train.lr_d=abc", "--config.train.lr_d=abc: could not convert"),
@@ -132,6 +167,7 @@ def test_command_line_errors_are_one_line(tmp_path, flag, message):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     result = run(["-m", "dcgan_jax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"],
                  check=False)

@@ -209,6 +209,7 @@ print(image.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
+@pytest.mark.slow
 def test_a_huge_image_costs_no_more_than_its_decode(tmp_path):
     """A 4000x4000 image with alpha decodes to 64 MB (4 bytes a pixel): its peak stays near
     that (Pillow would copy it twice more); a JPEG decodes at 1/8 scale."""

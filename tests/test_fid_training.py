@@ -9,6 +9,8 @@ import pytest
 
 from helpers import main_args, random_fid_weights, run
 
+pytestmark = pytest.mark.slow  # every test runs command lines as processes
+
 
 def eval_overrides(tmp_path, weights_path):
     return {"eval.every": 2, "eval.num_samples": 64, "eval.num_reference": 200,

@@ -33,6 +33,7 @@ def params_of(state):
                             state.d.batch_stats, state.ema))
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(tmp_path):
     result = run(main_args(tmp_path, **{"train.ema_decay": 0.5}))
     out = result.stdout
@@ -67,6 +68,7 @@ def test_end_to_end_outputs(tmp_path):
     assert int(state.step) == 6 and state.ema is not None
 
 
+@pytest.mark.slow
 def test_resume_matches_an_unbroken_run_and_four_devices_match_one(tmp_path):
     """Prepared data, flips on the device and two D updates per step: 4 + 4 steps equal 8,
     and 4 simulated devices train as one does."""
@@ -88,6 +90,7 @@ def test_resume_matches_an_unbroken_run_and_four_devices_match_one(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_next_run_continues(tmp_path):
     args = main_args(tmp_path, **{"train.num_steps": 100000, "ckpt_every": 100000,
                                   "sample_every": 100000})
@@ -111,6 +114,7 @@ def test_sigterm_saves_and_the_next_run_continues(tmp_path):
     assert f"Done: {stopped + 2} steps" in again.stdout
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
     # Resumed with absurd learning rates, the weights overflow within a few steps.
@@ -127,6 +131,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in params_of(state))
 
 
+@pytest.mark.slow
 def test_init_from_another_run(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     run(main_args(source, **{"train.num_steps": 3}))
@@ -148,12 +153,14 @@ def test_init_from_another_run(tmp_path):
     assert "holds networks of another architecture" in mismatch.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_missing_init_from(tmp_path):
     result = run(main_args(tmp_path / "run", init_from=str(tmp_path / "nowhere")), check=False)
     assert result.returncode != 0
     assert "config.json does not exist" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
     from PIL import Image
     folder = tmp_path / "images"
@@ -174,6 +181,7 @@ def test_folder_run_with_workers_survives_a_bad_image(tmp_path):
     assert "Resumed from step 5" in resumed.stdout and "Done: 7 steps" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_networks_or_data_path_and_keeps_the_saved_config(tmp_path):
     run(main_args(tmp_path, **{"train.num_steps": 2, "ckpt_every": 2}))
     saved = (tmp_path / "config.json").read_text()
@@ -195,6 +203,7 @@ def test_truncate_metrics_drops_later_and_broken_lines(tmp_path):
     assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
 
 
+@pytest.mark.slow
 def test_intervals_in_epochs_a_rectangular_grid_and_the_leaky_slope(tmp_path):
     """40 images in batches of 8: 5 steps an epoch; grids every epoch, saves every two."""
     from PIL import Image

@@ -1,11 +1,17 @@
-"""Shapes, parameter counts and output ranges of G and D at every resolution."""
+"""Shapes, parameter names, counts and output ranges of G and D at every resolution, and
+every form of the strided convolutions."""
+
+import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from dcgan_jax.models import (Discriminator, Generator, image_pyramid, num_scales,
+from dcgan_jax import strided_conv
+from dcgan_jax.models import (D_NORMS, Discriminator, Generator, image_pyramid, num_scales,
                               MSG_COMBINES)
 
 RESOLUTIONS = (32, 64, 128, 256)
@@ -86,6 +92,149 @@ def test_shapes_and_parameter_counts(resolution, msg, combine):
         resolution, ndf, channels, msg, combine)
 
 
+def structure(variables):
+    """Every leaf of a variable tree as 'collection/module/.../name:shape'."""
+    return [f"{jax.tree_util.keystr(path, simple=True, separator='/')}:"
+            f"{'x'.join(map(str, leaf.shape))}"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)]
+
+
+def generator_structure(resolution, msg, **fields):
+    generator = Generator(resolution=resolution, base_channels=4, msg=msg, **fields)
+    return structure(abstract_variables(generator, jnp.zeros((2, 8))))
+
+
+def discriminator_structure(resolution, msg, combine, norm, **fields):
+    discriminator = Discriminator(resolution=resolution, base_channels=4, msg=msg,
+                                  msg_combine=combine, norm=norm, **fields)
+    pyramid = image_pyramid(jnp.zeros((2, resolution, resolution, 3)),
+                            num_scales(resolution, msg))
+    return structure(abstract_variables(discriminator, pyramid))
+
+
+# Variable trees of the models before the strided convolutions left models.py: checkpoints
+# of earlier runs load only while these stay as they are.
+STRUCTURE_AT_32 = {
+    ("G", False): (
+        "batch_stats/BatchNorm_0/mean:16 batch_stats/BatchNorm_0/var:16 "
+        "batch_stats/BatchNorm_1/mean:8 batch_stats/BatchNorm_1/var:8 "
+        "batch_stats/BatchNorm_2/mean:4 batch_stats/BatchNorm_2/var:4 "
+        "params/BatchNorm_0/bias:16 params/BatchNorm_0/scale:16 "
+        "params/BatchNorm_1/bias:8 params/BatchNorm_1/scale:8 "
+        "params/BatchNorm_2/bias:4 params/BatchNorm_2/scale:4 "
+        "params/ConvTranspose_0/kernel:4x4x16x8 params/ConvTranspose_1/kernel:4x4x8x16 "
+        "params/ConvTranspose_2/kernel:4x4x4x8 params/ConvTranspose_3/kernel:4x4x3x4"),
+    ("G", True): (
+        "batch_stats/BatchNorm_0/mean:16 batch_stats/BatchNorm_0/var:16 "
+        "batch_stats/BatchNorm_1/mean:8 batch_stats/BatchNorm_1/var:8 "
+        "batch_stats/BatchNorm_2/mean:4 batch_stats/BatchNorm_2/var:4 "
+        "params/BatchNorm_0/bias:16 params/BatchNorm_0/scale:16 "
+        "params/BatchNorm_1/bias:8 params/BatchNorm_1/scale:8 "
+        "params/BatchNorm_2/bias:4 params/BatchNorm_2/scale:4 "
+        "params/ConvTranspose_0/kernel:4x4x16x8 params/ConvTranspose_1/kernel:4x4x8x16 "
+        "params/ConvTranspose_2/kernel:4x4x4x8 params/ConvTranspose_3/kernel:4x4x3x4 "
+        "params/Conv_0/bias:3 params/Conv_0/kernel:1x1x16x3 "
+        "params/Conv_1/bias:3 params/Conv_1/kernel:1x1x8x3 "
+        "params/Conv_2/bias:3 params/Conv_2/kernel:1x1x4x3"),
+    ("D", False, "simple", "batch"): (
+        "batch_stats/BatchNorm_0/mean:8 batch_stats/BatchNorm_0/var:8 "
+        "batch_stats/BatchNorm_1/mean:16 batch_stats/BatchNorm_1/var:16 "
+        "params/BatchNorm_0/bias:8 params/BatchNorm_0/scale:8 "
+        "params/BatchNorm_1/bias:16 params/BatchNorm_1/scale:16 "
+        "params/Conv_0/kernel:4x4x3x4 params/Conv_1/kernel:4x4x4x8 "
+        "params/Conv_2/kernel:4x4x8x16 params/Conv_3/kernel:4x4x16x1"),
+    ("D", True, "lin_cat", "spectral"): (
+        "batch_stats/SpectralNorm_0/Conv_0/kernel/sigma: "
+        "batch_stats/SpectralNorm_0/Conv_0/kernel/u:1x4 "
+        "batch_stats/SpectralNorm_1/Conv_1/kernel/sigma: "
+        "batch_stats/SpectralNorm_1/Conv_1/kernel/u:1x4 "
+        "batch_stats/SpectralNorm_2/Conv_2/kernel/sigma: "
+        "batch_stats/SpectralNorm_2/Conv_2/kernel/u:1x8 "
+        "batch_stats/SpectralNorm_3/Conv_3/kernel/sigma: "
+        "batch_stats/SpectralNorm_3/Conv_3/kernel/u:1x8 "
+        "batch_stats/SpectralNorm_4/Conv_4/kernel/sigma: "
+        "batch_stats/SpectralNorm_4/Conv_4/kernel/u:1x16 "
+        "batch_stats/SpectralNorm_5/Conv_5/kernel/sigma: "
+        "batch_stats/SpectralNorm_5/Conv_5/kernel/u:1x16 "
+        "batch_stats/SpectralNorm_6/Conv_6/kernel/sigma: "
+        "batch_stats/SpectralNorm_6/Conv_6/kernel/u:1x1 "
+        "params/Conv_0/kernel:4x4x3x4 params/Conv_1/bias:4 params/Conv_1/kernel:1x1x3x4 "
+        "params/Conv_2/kernel:4x4x8x8 params/Conv_3/bias:8 params/Conv_3/kernel:1x1x3x8 "
+        "params/Conv_4/kernel:4x4x16x16 params/Conv_5/bias:16 params/Conv_5/kernel:1x1x3x16 "
+        "params/Conv_6/kernel:4x4x32x1"),
+}
+
+# sha256 of every variable tree below (1,176 leaves), as the pre-split models made them.
+STRUCTURE_DIGEST = "adba72a1b1da7caf9d1555e5fd857bbf4f11de0fd74c5a3e8f1c216785e1382d"
+
+
+def all_structures():
+    """{name: structure} for G and D at every resolution, with and without MSG, every MSG
+    combination and every d_norm (base width 4, 3 channels, nz 8)."""
+    structures = {}
+    for resolution in RESOLUTIONS:
+        for msg in (False, True):
+            structures[f"G {resolution} msg={msg}"] = generator_structure(resolution, msg)
+            for combine in MSG_COMBINES if msg else ("simple",):
+                for norm in D_NORMS:
+                    structures[f"D {resolution} msg={msg} {combine} {norm}"] = (
+                        discriminator_structure(resolution, msg, combine, norm))
+    return structures
+
+
+def test_variable_names_and_shapes_are_those_of_earlier_checkpoints():
+    for key, expected in STRUCTURE_AT_32.items():
+        got = (generator_structure(32, key[1]) if key[0] == "G"
+               else discriminator_structure(32, *key[1:]))
+        assert got == expected.split(" "), key
+    structures = all_structures()
+    lines = [f"{name}|{leaf.replace(':', '|')}"
+             for name in sorted(structures) for leaf in structures[name]]
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == STRUCTURE_DIGEST
+
+
+# nn.Conv and nn.ConvTranspose as the networks' strided layers: the same kernels, autodiff's
+# gradients.
+PLAIN_DOWNSAMPLE = functools.partial(nn.Conv, kernel_size=(4, 4), strides=(2, 2), padding=1,
+                                     use_bias=False)
+PLAIN_UPSAMPLE = functools.partial(nn.ConvTranspose, kernel_size=(4, 4), strides=(2, 2),
+                                   padding=2, use_bias=False, transpose_kernel=True)
+
+
+@pytest.mark.parametrize("norm", D_NORMS)
+@pytest.mark.parametrize("msg", [False, True])
+def test_strided_layers_are_fields_that_flax_layers_can_fill(msg, norm):
+    """G and D built with nn.ConvTranspose / nn.Conv through their `upsample` / `downsample`
+    fields have the same variables, and compute what the default layers compute."""
+    assert generator_structure(64, msg, upsample=PLAIN_UPSAMPLE) == generator_structure(64, msg)
+    assert (discriminator_structure(64, msg, "cat_lin", norm, downsample=PLAIN_DOWNSAMPLE)
+            == discriminator_structure(64, msg, "cat_lin", norm))
+
+    z = jax.random.normal(jax.random.PRNGKey(1), (4, 16))
+    default_g = Generator(resolution=32, channels=1, base_channels=8, msg=msg)
+    plain_g = default_g.clone(upsample=PLAIN_UPSAMPLE)
+    g_vars = default_g.init(jax.random.PRNGKey(0), z, train=False)
+    jax.tree.map(np.testing.assert_array_equal, g_vars,
+                 plain_g.init(jax.random.PRNGKey(0), z, train=False))
+    images = default_g.apply(g_vars, z, train=False)
+    for ours, theirs in zip(images, plain_g.apply(g_vars, z, train=False)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    default_d = Discriminator(resolution=32, base_channels=8, msg=msg, msg_combine="cat_lin",
+                              norm=norm)
+    plain_d = default_d.clone(downsample=PLAIN_DOWNSAMPLE)
+    d_vars = default_d.init(jax.random.PRNGKey(0), images, train=False)
+    jax.tree.map(np.testing.assert_array_equal, d_vars,
+                 plain_d.init(jax.random.PRNGKey(0), images, train=False))
+    critic = lambda d: lambda v, x: d.apply(v, x, train=False)  # noqa: E731
+    np.testing.assert_allclose(critic(default_d)(d_vars, images),
+                               critic(plain_d)(d_vars, images), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda v: critic(default_d)(v, images).sum())(d_vars)
+    theirs = jax.grad(lambda v: critic(plain_d)(v, images).sum())(d_vars)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-6)
+
+
 @pytest.mark.parametrize("msg,combine", VARIANTS)
 def test_forward_ranges(msg, combine):
     generator = Generator(resolution=32, channels=1, base_channels=8, msg=msg)
@@ -131,7 +280,7 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
     """The custom-gradient upsampling equals torch's ConvTranspose2d(4, 2, 1) forward, and
     flax's nn.ConvTranspose with autodiff gradients, to float32 rounding."""
     torch = pytest.importorskip("torch")
-    from dcgan_jax.models import upsample_conv
+    from dcgan_jax.strided_conv import upsample_conv
     kx, kk = jax.random.split(jax.random.PRNGKey(side))
     x = jax.random.normal(kx, (3, side, side, c_in))
     kernel = jax.random.normal(kk, (4, 4, c_out, c_in))
@@ -159,11 +308,10 @@ def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatc
     many, else direct), the input gradient (their adjoints) and the kernel gradient
     (patches times gradient), in batch chunks (one image per chunk with chunk_bytes=1) or
     not, equal the direct convolution and its autodiff."""
-    from dcgan_jax import models
-    downsample_conv = models.downsample_conv
+    from dcgan_jax.strided_conv import downsample_conv
     if chunk_bytes:
-        monkeypatch.setattr(models, "CONV_CHUNK_BYTES", chunk_bytes)
-        monkeypatch.setattr(models, "KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(strided_conv, "KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side, channels))
     # Scaled so that outputs are of order one, where sin() does not magnify rounding.
     kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, channels, 8)) / np.sqrt(16 * channels)
@@ -184,7 +332,6 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
     only GPUs and TPUs take (input-dilated transposition, convolution kernel gradient) and
     the patch products in chunks of one image, equals the direct convolution, its
     transposition and its autodiff."""
-    from dcgan_jax import models
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(c_in), 3)
     x = jax.random.normal(kx, (4, side, side, c_in))
     kernel = jax.random.normal(kk, (4, 4, c_in, c_out))
@@ -196,32 +343,32 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
-    close(models._space_to_depth_conv(x, kernel), direct(x, kernel))
-    close(models._conv_by_patches(x, kernel), direct(x, kernel))
+    close(strided_conv.space_to_depth_conv(x, kernel), direct(x, kernel))
+    close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
     adjoint = jax.linear_transpose(lambda u: direct(u, kernel), x)(grad_y)[0]
-    close(models._conv_transpose_by_space_to_depth(grad_y, kernel), adjoint)
-    close(models._conv_transpose_by_patches(grad_y, kernel), adjoint)
-    close(models._conv_transpose_input_dilated(grad_y, kernel), adjoint)
+    close(strided_conv.conv_transpose_by_space_to_depth(grad_y, kernel), adjoint)
+    close(strided_conv.conv_transpose_by_patches(grad_y, kernel), adjoint)
+    close(strided_conv.conv_transpose_input_dilated(grad_y, kernel), adjoint)
     kernel_grad = jax.vjp(lambda k: direct(x, k), kernel)[1](grad_y)[0]
-    close(models._kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
-    close(models._kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
-    monkeypatch.setattr(models, "CONV_CHUNK_BYTES", 1)
-    close(models._conv_by_patches(x, kernel), direct(x, kernel))
+    close(strided_conv.kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
+    close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
+    monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", 1)
+    close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
 
 
-@pytest.mark.parametrize("form", ["_conv_by_patches", "_conv_transpose_by_patches",
-                                  "_conv_transpose_by_space_to_depth"])
+@pytest.mark.parametrize("form", ["conv_by_patches", "conv_transpose_by_patches",
+                                  "conv_transpose_by_space_to_depth"])
 def test_patch_forms_in_bfloat16_round_like_the_direct_form(form):
     """In bfloat16 the patch products accumulate, and scatter, in float32: their error
     against float32 is that of the direct (or input-dilated) bfloat16 form, not larger."""
-    from dcgan_jax import models
     transposed = "transpose" in form
     kx, kk = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, (4, 4, 4, 64) if transposed else (4, 8, 8, 64))
     kernel = jax.random.normal(kk, (4, 4, 64, 64)) / 32.0
-    reference = (models._conv_transpose_input_dilated if transposed else models._direct_conv)
+    reference = (strided_conv.conv_transpose_input_dilated if transposed
+                 else strided_conv.direct_conv)
     exact = reference(x, kernel)
-    ours = getattr(models, form)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    ours = getattr(strided_conv, form)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     theirs = reference(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     assert ours.dtype == jnp.bfloat16
     error = lambda y: float(np.abs(np.asarray(y, np.float32) - exact).max())  # noqa: E731
@@ -229,7 +376,7 @@ def test_patch_forms_in_bfloat16_round_like_the_direct_form(form):
 
 
 def test_strided_convolution_rejects_odd_sizes():
-    from dcgan_jax.models import downsample_conv
+    from dcgan_jax.strided_conv import downsample_conv
     with pytest.raises(ValueError, match="even height and width, got 9x8"):
         downsample_conv(jnp.zeros((1, 9, 8, 16)), jnp.zeros((4, 4, 16, 4)))
 

@@ -56,6 +56,7 @@ def as_tiny(command: str, workdir: str, scratch: str) -> list[str]:
     return replaced
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     commands = readme_commands()
     assert len(commands) >= 20, commands
@@ -93,6 +94,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert len(os.listdir(os.path.join(scratch, "fakes"))) == 10000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", recipes())
 def test_earlier_projects_recipes_are_valid_configs(tmp_path, recipe):
     """Each recipe's fields and values pass validation; only its data is missing here."""

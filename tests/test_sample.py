@@ -15,6 +15,8 @@ from dcgan_jax import checkpoints, parallel, step as step_lib
 from dcgan_jax.sample import Sampler, interpolation_path
 from helpers import main_args, run
 
+pytestmark = pytest.mark.slow  # every test reads a run the command line trains (workdir)
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -1,12 +1,17 @@
-"""One train_step: what it updates, its losses against a direct computation, k, EMA."""
+"""One train_step: what it updates, its losses against a direct computation, k, EMA,
+objectives and penalties by name, and exact resumes with augmentation."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from dcgan_jax import parallel
+from dcgan_jax import augment, checkpoints, parallel
 from dcgan_jax import step as step_lib
+from test_losses import FORMULAS
 from tiny_config import tiny_config
 
 
@@ -195,3 +200,151 @@ def test_bfloat16_keeps_float32_state_and_stays_close():
     assert not all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params))), \
         "bfloat16 must actually change the arithmetic"
+
+
+def todays_step(state, real, config):
+    """The train step as it was before objectives came by name, without flips and EMA: `ns`
+    must train bit for bit as it did."""
+    generator, discriminator = step_lib.build_models(config)
+    t = config.train
+    batch = real.shape[1]
+
+    def bce(logits, target):
+        return optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)).mean()
+
+    def generate(g_params, g_stats, z):
+        fake, updates = generator.apply({"params": g_params, "batch_stats": g_stats}, z,
+                                        train=True, mutable=["batch_stats"])
+        return fake, updates["batch_stats"]
+
+    def discriminate(d_params, d_stats, pyramid):
+        logits, updates = discriminator.apply({"params": d_params, "batch_stats": d_stats},
+                                              pyramid, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+
+    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid):
+        real_logits, d_stats = discriminate(d_params, d_stats, real_pyramid)
+        fake_logits, d_stats = discriminate(d_params, d_stats, fake_pyramid)
+        loss = bce(real_logits, 1.0 - t.label_smoothing) + bce(fake_logits, 0.0)
+        return loss, (d_stats, jax.nn.sigmoid(real_logits).mean(),
+                      jax.nn.sigmoid(fake_logits).mean())
+
+    d, g_stats = state.d, state.g.batch_stats
+    d_metrics = []
+    for i in range(t.d_steps):
+        z = step_lib.latent_batch(state.rng, state.step, i, batch, config.model.nz)
+        if i == t.d_steps - 1:
+            fake, g_pullback, g_stats = jax.vjp(
+                lambda p: generate(p, g_stats, z), state.g.params, has_aux=True)
+        else:
+            fake, g_stats = generate(state.g.params, g_stats, z)
+        grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
+        (loss_d, (d_stats, d_real, d_fake)), d_grads = grad_fn(
+            d.params, d.batch_stats, (real[i],), jax.lax.stop_gradient(fake))
+        d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
+        d_metrics.append((loss_d, d_real, d_fake))
+
+    def g_loss_fn(fake_pyramid):
+        logits, d_stats = discriminate(d.params, d.batch_stats, fake_pyramid)
+        return bce(logits, 1.0), (d_stats, jax.nn.sigmoid(logits).mean())
+
+    (loss_g, (d_stats, d_fake_after)), fake_grads = jax.value_and_grad(
+        g_loss_fn, has_aux=True)(fake)
+    (g_grads,) = g_pullback(fake_grads)
+    g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
+    d = d.replace(batch_stats=d_stats)
+    loss_d, d_real, d_fake = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
+    metrics = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real,
+               "d_fake_before": d_fake, "d_fake_after": d_fake_after}
+    return state.replace(g=g, d=d, step=state.step + 1), metrics
+
+
+def test_ns_trains_bit_for_bit_as_before():
+    config = tiny_config(train__d_steps=2, train__label_smoothing=0.1)
+    _, state, real = setup(config)
+    assert state.g.apply_fn is None and state.d.apply_fn is None, "states hold arrays only"
+    ours, theirs = state, jax.tree.map(jnp.copy, state)
+    new_step = jax.jit(functools.partial(step_lib.train_step, config=config))
+    old_step = jax.jit(functools.partial(todays_step, config=config))
+    for _ in range(3):
+        ours, our_metrics = new_step(ours, real)
+        theirs, their_metrics = old_step(theirs, real)
+    for name, value in their_metrics.items():
+        assert float(our_metrics[name]) == float(value), name
+    for got, want in zip(jax.tree.leaves(copy(ours)), jax.tree.leaves(copy(theirs)), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_first_d_update_of_a_critic_matches_direct_computation():
+    """WGAN-GP with a spectrally normalised critic and every augmentation: D's loss, its
+    penalty and the raw scores it logs, against numpy from the step's own keys."""
+    config = tiny_config(train__loss="wgan", train__gradient_penalty="wgan_gp",
+                         model__d_norm="spectral", train__augment="color,translation,cutout")
+    mesh, state, real = setup(config)
+    generator, discriminator = step_lib.build_models(config)
+    batch, policy = config.train.batch_size, augment.parse_policy(config.train.augment)
+    z = step_lib.latent_batch(state.rng, state.step, 0, batch, config.model.nz)
+    fake, _ = generator.apply({"params": state.g.params, "batch_stats": state.g.batch_stats},
+                              z, train=True, mutable=["batch_stats"])
+    keys = [step_lib.stream_key(state.rng, state.step, step_lib.AUGMENT_STREAM, use)
+            for use in (0, 1)]
+    real_pyramid = augment.diff_augment((real[0],), policy, keys[0])
+    fake_pyramid = augment.diff_augment(fake, policy, keys[1])
+
+    def critic(pyramid, stats):
+        scores, updates = discriminator.apply({"params": state.d.params, "batch_stats": stats},
+                                              pyramid, train=True, mutable=["batch_stats"])
+        return scores, updates["batch_stats"]
+
+    # The power iteration advances with each pass, as in the step: reals, fakes, penalty.
+    real_scores, stats = critic(real_pyramid, state.d.batch_stats)
+    fake_scores, stats = critic(fake_pyramid, stats)
+    e = jax.random.uniform(step_lib.stream_key(state.rng, state.step, step_lib.PENALTY_STREAM, 0),
+                           (batch, 1, 1, 1))
+    between = (e * real_pyramid[0] + (1 - e) * fake_pyramid[0],)
+    (grads,) = jax.grad(lambda p: critic(p, stats)[0].sum())(between)
+    norms = np.sqrt((np.asarray(grads, np.float64) ** 2).reshape(batch, -1).sum(axis=1))
+    penalty = config.train.gp_weight * ((norms - 1) ** 2).mean()
+    r, f = np.asarray(real_scores, np.float64), np.asarray(fake_scores, np.float64)
+    expected = FORMULAS["wgan"][0](r, f, 0.0) + penalty
+
+    _, metrics = step_lib.make_train_step(config, mesh)(state, real)
+    assert float(metrics["penalty"]) == pytest.approx(penalty, rel=1e-4)
+    assert float(metrics["loss_d"]) == pytest.approx(expected, rel=1e-4)
+    assert float(metrics["d_real"]) == pytest.approx(r.mean(), rel=1e-4, abs=1e-6)
+    assert float(metrics["d_fake_before"]) == pytest.approx(f.mean(), rel=1e-4, abs=1e-6)
+
+
+def test_resume_with_augmentation_is_exact(tmp_path):
+    """N steps, a checkpoint, a fresh state restored from it and N more steps give the state
+    of 2N unbroken steps: augmentations, penalties and power iterations included."""
+    config = tiny_config(train__loss="hinge", train__gradient_penalty="r1",
+                         model__d_norm="spectral", train__augment="color,translation,cutout",
+                         data__random_flip=True)
+    mesh, state, _ = setup(config)
+    assert "Conv_0/kernel/u" in state.d.batch_stats["SpectralNorm_0"]
+    initial_stats = jax.tree.leaves(copy(state.d.batch_stats))
+    batches = [jax.random.uniform(jax.random.PRNGKey(10 + i), (1, 16, 32, 32, 1),
+                                  minval=-1.0, maxval=1.0) for i in range(4)]
+    train_step = step_lib.make_train_step(config, mesh)
+    first = jax.tree.map(jnp.copy, state)  # the step donates its state
+    unbroken = state
+    for real in batches:
+        unbroken, _ = train_step(unbroken, real)
+    for real in batches[:2]:
+        first, _ = train_step(first, real)
+    manager = checkpoints.make_manager(str(tmp_path))
+    checkpoints.save(manager, 2, first)
+    checkpoints.finish_saves(manager)
+    restored = checkpoints.restore(checkpoints.make_manager(str(tmp_path), read_only=True),
+                                   step_lib.abstract_train_state(config, mesh, 10))
+    # Onto the first state's tree, whose optimizers compare equal, so the step compiles once.
+    resumed = jax.tree.unflatten(jax.tree.structure(first), jax.tree.leaves(restored))
+    for real in batches[2:]:
+        resumed, _ = train_step(resumed, real)
+    assert int(resumed.step) == 4
+    for got, want in zip(jax.tree.leaves(copy(resumed)), jax.tree.leaves(copy(unbroken)),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not any(np.array_equal(a, b) for a, b in zip(
+        initial_stats, jax.tree.leaves(copy(unbroken.d.batch_stats)))), "power iterations run"

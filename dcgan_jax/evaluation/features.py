@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import parallel, step as step_lib
+from dcgan_jax import parallel, paths, step as step_lib
 from dcgan_jax.evaluation import inception, metrics, weights
 
 # Latents of evaluation samples: fixed, so FID moves with the weights only.
@@ -157,7 +157,7 @@ def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
     from dcgan_jax import data
     count = min(count or len(source), len(source))
     path = reference_cache_path(config, extractor, len(source), count)
-    if os.path.isfile(path):
+    if paths.is_file(path):
         return metrics.Statistics.load(path), path, False
     batches = data.evaluation_batches(config, source, count, extractor.batch_size)
     features = extractor.of_batches(batches)

@@ -8,11 +8,11 @@ and ours can be compared; the linear algebra differs where theirs is slow or ine
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import warnings
 
 import numpy as np
+
+from dcgan_jax import paths
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -47,21 +47,19 @@ class Statistics:
                    count=len(features), features=kept)
 
     def save(self, path: str) -> None:
-        """An .npz pytorch-fid can read (`mu`, `sigma`), written atomically."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        """An .npz pytorch-fid can read (`mu`, `sigma`), written atomically (on a disk or in
+        a bucket)."""
         arrays = {"mu": self.mu, "sigma": self.sigma, "count": np.int64(self.count)}
         if self.features is not None:
             arrays["features"] = self.features
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
+        with paths.atomic_write(path) as f:
             np.savez(f, **arrays)
-        os.replace(f.name, path)
 
     @classmethod
     def load(cls, path: str) -> Statistics:
         """Reads ours or pytorch-fid's --save-stats files."""
         try:
-            with np.load(path) as f:
+            with paths.open_file(path) as file, np.load(file) as f:
                 mu, sigma = f["mu"], f["sigma"]
                 features = f["features"] if "features" in f.files else None
                 count = int(f["count"]) if "count" in f.files else 0

@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dcgan_jax import paths
+
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d"
@@ -164,8 +166,8 @@ class _Unpickler(pickle.Unpickler):
         return storage
 
 
-def _read_zip(path: str) -> Any:
-    with zipfile.ZipFile(path) as archive:
+def _read_zip(file: BinaryIO, path: str) -> Any:
+    with zipfile.ZipFile(file) as archive:
         pickled = next((info for info in archive.infolist() if info.filename == "data.pkl"
                         or info.filename.endswith("/data.pkl")), None)
         if pickled is None:
@@ -189,48 +191,51 @@ def _read_zip(path: str) -> Any:
     return result
 
 
-def _read_legacy(path: str) -> Any:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if _Unpickler(f).load() != _LEGACY_MAGIC:
-            raise WeightsError(f"{path} is not a PyTorch checkpoint (bad magic number)")
-        if _Unpickler(f).load() != _LEGACY_PROTOCOL:
-            raise ValueError("unknown legacy protocol version")
-        system = _Unpickler(f).load()
-        if not isinstance(system, dict) or system.get("little_endian") is not True:
-            raise ValueError("not written on a little-endian machine")
-        storages: dict[str, _Storage] = {}
-        result = _Unpickler(f, storages).load()
-        keys = _Unpickler(f).load()
-        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
-            raise ValueError("its storage list does not match its tensors")
-        for key in keys:
-            storage = storages[str(key)]
-            count = int.from_bytes(f.read(8), "little")
-            length = count * storage.dtype.itemsize
-            if length > size - f.tell():
-                raise ValueError(f"storage {_clip(key)} of {count} elements is larger than "
-                                 f"the rest of the file")
-            storage.data = np.frombuffer(f.read(length), dtype=storage.dtype)
+def _read_legacy(f: BinaryIO, path: str) -> Any:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    if _Unpickler(f).load() != _LEGACY_MAGIC:
+        raise WeightsError(f"{path} is not a PyTorch checkpoint (bad magic number)")
+    if _Unpickler(f).load() != _LEGACY_PROTOCOL:
+        raise ValueError("unknown legacy protocol version")
+    system = _Unpickler(f).load()
+    if not isinstance(system, dict) or system.get("little_endian") is not True:
+        raise ValueError("not written on a little-endian machine")
+    storages: dict[str, _Storage] = {}
+    result = _Unpickler(f, storages).load()
+    keys = _Unpickler(f).load()
+    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+        raise ValueError("its storage list does not match its tensors")
+    for key in keys:
+        storage = storages[str(key)]
+        count = int.from_bytes(f.read(8), "little")
+        length = count * storage.dtype.itemsize
+        if length > size - f.tell():
+            raise ValueError(f"storage {_clip(key)} of {count} elements is larger than "
+                             f"the rest of the file")
+        storage.data = np.frombuffer(f.read(length), dtype=storage.dtype)
     return result
 
 
-def _is_zip(path: str) -> bool:
+def _is_zip(f: BinaryIO) -> bool:
     """As PyTorch tells its formats apart: by the first bytes, not by a zip directory that a
     legacy file's data could contain."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+    head = f.read(4)
+    f.seek(0)
+    return head == b"PK\x03\x04"
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """A PyTorch state dict (.pth) or its .npz conversion as name -> numpy array."""
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise WeightsError(f"FID weights file {path} does not exist")
     try:
-        if path.endswith(".npz"):
-            with np.load(path) as f:
-                return {k: f[k] for k in f.files}
-        result = _read_zip(path) if _is_zip(path) else _read_legacy(path)
+        with paths.open_file(path) as file:
+            if path.endswith(".npz"):
+                with np.load(file) as f:
+                    return {k: f[k] for k in f.files}
+            result = _read_zip(file, path) if _is_zip(file) else _read_legacy(file, path)
         if not isinstance(result, dict):
             raise WeightsError(f"FID weights file {path} holds a {type(result).__name__}, "
                                f"not a state dict")
@@ -245,19 +250,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_npz(state_dict: dict[str, np.ndarray], path: str) -> None:
-    """Writes atomically: a crash never leaves a partial file under `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
+    """Writes atomically (on a disk or in a bucket): a crash never leaves a partial file
+    under `path`."""
+    with paths.atomic_write(path) as f:
         np.savez(f, **state_dict)
-    os.replace(f.name, path)
 
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     del size, mtime_ns, inode  # the cache key: a changed file is hashed again
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open_file(path) as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
@@ -266,14 +269,14 @@ def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
 def file_digest(path: str) -> str:
     """SHA-256 of a weights file: checked, then part of the key of statistics computed with
     it; remembered, so the check and the key hash the file once."""
-    stat = os.stat(path)
-    return _digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    name = path if paths.is_remote(path) else os.path.realpath(path)
+    return _digest(name, *paths.signature(path))
 
 
 def check(path: str, allow_unknown: bool = False) -> None:
     """Refuses a missing file, and one that is not pytorch-fid's unless `allow_unknown`:
     other weights give FIDs that cannot be compared with published ones."""
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise WeightsError(f"FID weights file {path} (--fid_weights / "
                            f"config.eval.fid_weights) does not exist")
     digest = file_digest(path)
@@ -307,7 +310,9 @@ def _remove_folder(folder: str, created: str | None) -> None:
 
 def _fetch(url: str, cache_dir: str, converted: str) -> None:
     """Downloads, checks and converts the weights into `converted`. A failure leaves neither
-    a file nor a folder behind; the folder is made only once there is something to write."""
+    a file nor a folder behind; the folder is made only once there is something to write.
+    For a cache in a bucket, the download goes to a local temporary file."""
+    local = not paths.is_remote(cache_dir)
     unreachable = (f"the FID weights are not in {cache_dir} and cannot be fetched from {url}"
                    " ({}); download that file on a machine with network and pass "
                    "--fid_weights=PATH (in training: config.eval.fid_weights, or "
@@ -319,8 +324,9 @@ def _fetch(url: str, cache_dir: str, converted: str) -> None:
     created, download, done = None, None, False
     try:
         with response:
-            created = _make_folder(cache_dir)
-            fd, download = tempfile.mkstemp(dir=cache_dir, prefix=WEIGHTS_NAME, suffix=".part")
+            created = _make_folder(cache_dir) if local else None
+            fd, download = tempfile.mkstemp(dir=cache_dir if local else None,
+                                            prefix=WEIGHTS_NAME, suffix=".part")
             digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out:
                 while True:
@@ -359,7 +365,7 @@ def locate(path: str, cache_dir: str, allow_unknown: bool = False) -> str:
         check(path, allow_unknown)
         return path
     converted = os.path.join(cache_dir, WEIGHTS_NAME + ".npz")
-    if not os.path.isfile(converted):
+    if not paths.is_file(converted):
         url = os.environ.get(URL_VARIABLE) or WEIGHTS_URL
         print(f"Fetching the FID weights from {url} into {cache_dir}", flush=True)
         _fetch(url, cache_dir, converted)

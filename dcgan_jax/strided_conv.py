@@ -1,0 +1,319 @@
+"""PyTorch's stride-2 Conv2d and ConvTranspose2d (k=4, p=1) on NHWC, with their own gradients.
+
+`downsample_conv` and `upsample_conv` are `jax.custom_vjp` functions whose forward pass and
+gradients each pick a form per backend through `jax.lax.platform_dependent`: the backend's
+own convolution on GPUs and TPUs, space-to-depth for inputs of few channels, and
+patch-matrix products in batch chunks where XLA's CPU backend runs them faster. Every form
+computes the same convolution; the measurements behind each choice are in
+benchmarks/NOTES.md ("Where each form is chosen"). `DownsampleConv` and `UpsampleConv` are
+the layers of the networks in `dcgan_jax.models`.
+
+Kernels are HWIO, as `nn.Conv` has them. Heights and widths must be even, as they are in both
+networks, so that each form's adjoint maps back onto the input's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Initializer = Callable[..., jax.Array]
+Form = Callable[[jax.Array, jax.Array], jax.Array]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Inputs of fewer channels than this (images) take the space-to-depth forms on every backend.
+FEW_CHANNELS = 8
+
+# Batch chunks of the patch-matrix forms XLA's CPU backend runs: each chunk's patches take at
+# most this many bytes per device (and at least one image), so that they stay in cache.
+# Kernel gradients raise theirs to the gradient's size.
+CONV_CHUNK_BYTES = 8 * 1024 * 1024
+KERNEL_GRAD_CHUNK_BYTES = 2 * 1024 * 1024
+
+# On CPUs, stride-2 convolutions of at least this many input channels are patch-matrix
+# products. With 64 channels the direct form made the whole train step faster.
+PATCHES_MIN_CHANNELS = 128
+
+# On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
+# input gradient, G's first upsampling) are one matrix product and its scatter.
+PATCHES_TRANSPOSE_MAX_PIXELS = 16
+
+
+def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The strided convolution as the backend's own `conv_general_dilated`."""
+    return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                        dimension_numbers=_NHWC)
+
+
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The strided convolution as a stride-1 2x2 convolution over 2x2 blocks of the padded
+    input.
+
+    Output pixel i reads padded rows 2i..2i+3, which are blocks i and i+1, so folding each
+    2x2 block into 4C channels (and the kernel likewise) gives the same products, in
+    another order. The 4C channels are zero-padded to a multiple of 8: cuDNN has no fast
+    kernels for 3-channel convolutions or their adjoints.
+    """
+    b, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    hb, wb = h // 2 + 1, w // 2 + 1
+    blocks = padded.reshape(b, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    blocks = blocks.reshape(b, hb, wb, 4 * c)
+    folded = kernel.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5)
+    folded = folded.reshape(2, 2, 4 * c, -1)
+    extra = -4 * c % 8
+    blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    folded = jnp.pad(folded, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return jax.lax.conv_general_dilated(blocks, folded, (1, 1), "VALID",
+                                        dimension_numbers=_NHWC)
+
+
+def conv_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The strided convolution as patches of x times the kernel, in a loop over chunks of the
+    batch (`CONV_CHUNK_BYTES`), accumulated in float32 or wider."""
+    b, height, width, c = x.shape
+    h, w = height // 2, width // 2
+    chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, CONV_CHUNK_BYTES)
+    xs = x.reshape(b // chunks, chunks, height, width, c)
+
+    def convolve_chunk(k, ys):
+        x_k = jax.lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(ys, _patch_product(x_k, kernel), k, axis=1)
+
+    ys = jax.lax.fori_loop(0, chunks, convolve_chunk,
+                           jnp.zeros((b // chunks, chunks, h, w, kernel.shape[-1]), x.dtype))
+    return ys.reshape(b, h, w, kernel.shape[-1])
+
+
+def conv_transpose_input_dilated(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of `direct_conv(., kernel)` as flax's nn.ConvTranspose has it: the
+    backend's own transposed convolution."""
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=_NHWC, transpose_kernel=True)
+
+
+def conv_transpose_by_space_to_depth(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of `space_to_depth_conv(., kernel)`: a stride-1 convolution."""
+    b, h, w, _ = x.shape
+    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), x.dtype)
+    return jax.linear_transpose(lambda u: space_to_depth_conv(u, kernel), primal)(x)[0]
+
+
+def conv_transpose_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of the patch product: x times the kernel's transpose, each row added back
+    onto the 16 input pixels its patch came from, all in float32 or wider."""
+    b, h, w, _ = x.shape
+    accumulator = _accumulator(x.dtype)
+    rows = jnp.einsum("bhwo,ko->bhwk", x, kernel.reshape(-1, kernel.shape[-1]),
+                      preferred_element_type=accumulator)
+    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), accumulator)
+    return jax.linear_transpose(lambda u: _patches(u, h, w), primal)(rows)[0].astype(x.dtype)
+
+
+def kernel_grad_by_convolution(x: jax.Array, grad_y: jax.Array,
+                               kernel: jax.Array) -> jax.Array:
+    """The kernel gradient of the strided convolution as autodiff of the form GPUs and TPUs
+    run takes it."""
+    return jax.vjp(lambda k: _accelerator_form(kernel)(x, k), kernel)[1](grad_y)[0]
+
+
+def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The kernel gradient of the strided convolution as patches of x times the output's
+    gradient, summed over chunks of the batch in a loop.
+
+    A chunk's patches take at most `KERNEL_GRAD_CHUNK_BYTES` per device, or the size of the
+    kernel gradient if that is larger: adding each chunk's product to a gradient larger
+    than the chunk costs more than the cache saves.
+    """
+    b, _, _, c = x.shape
+    h, w = grad_y.shape[1:3]
+    accumulator = _accumulator(x.dtype)
+    chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, kernel.size * accumulator.itemsize)
+    chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, chunk_bytes)
+    xs = x.reshape(b // chunks, chunks, *x.shape[1:])
+    gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
+
+    def add_chunk(k, total):
+        x_k = jax.lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False)
+        g_k = jax.lax.dynamic_index_in_dim(gs, k, axis=1, keepdims=False)
+        return total + jnp.einsum("bhwk,bhwc->kc", _patches(x_k, h, w), g_k,
+                                  preferred_element_type=accumulator)
+
+    total = jax.lax.fori_loop(0, chunks, add_chunk,
+                              jnp.zeros((16 * c, grad_y.shape[-1]), accumulator))
+    return total.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The strided convolution in the form of this backend and width.
+
+    Inputs of fewer than `FEW_CHANNELS` channels (images) go through `space_to_depth_conv`.
+    On CPUs, inputs of `PATCHES_MIN_CHANNELS` or more go through `conv_by_patches`, which
+    XLA's CPU backend runs faster than the direct form.
+    """
+    if x.shape[1] % 2 or x.shape[2] % 2:
+        raise ValueError(f"A stride-2 convolution here needs an even height and width, "
+                         f"got {x.shape[1]}x{x.shape[2]}")
+    form = _accelerator_form(kernel)
+    if kernel.shape[2] >= PATCHES_MIN_CHANNELS:
+        # A fresh function, so that each trace reads the chunk size anew.
+        return jax.lax.platform_dependent(
+            x, kernel, cpu=lambda x, k: conv_by_patches(x, k), default=form)
+    return form(x, kernel)
+
+
+def _accelerator_form(kernel: jax.Array) -> Form:
+    """The form of `_stride2_conv` that GPUs and TPUs run: space-to-depth for few channels."""
+    return space_to_depth_conv if kernel.shape[2] < FEW_CHANNELS else direct_conv
+
+
+def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The adjoint of `_stride2_conv(., kernel)`: G's upsampling and the input gradient of
+    D's strided convolutions.
+
+    With few channels it is `conv_transpose_by_space_to_depth`. On CPUs it is that too, which
+    XLA's CPU backend runs faster than the input-dilated form, or from 4x4
+    `conv_transpose_by_patches`. Elsewhere the backend's own transposed convolution (cuDNN's
+    on NVIDIA GPUs) is used.
+    """
+    if kernel.shape[2] < FEW_CHANNELS:
+        return conv_transpose_by_space_to_depth(x, kernel)
+    cpu = (conv_transpose_by_patches if x.shape[1] * x.shape[2] <= PATCHES_TRANSPOSE_MAX_PIXELS
+           else conv_transpose_by_space_to_depth)
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=conv_transpose_input_dilated)
+
+
+def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
+
+    On CPUs it is `kernel_grad_by_matmuls`: XLA's CPU backend runs the convolution form no
+    faster, and much slower for large images. Accelerators' convolution libraries have
+    kernels for it.
+    """
+    return jax.lax.platform_dependent(
+        x, grad_y, cpu=lambda x, g: kernel_grad_by_matmuls(x, g, kernel),
+        default=lambda x, g: kernel_grad_by_convolution(x, g, kernel))
+
+
+def _patches(x: jax.Array, h: int, w: int) -> jax.Array:
+    """The 16 inputs of each of the h x w outputs, tap-major: [b, h, w, 16C]."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
+                            for i in range(4) for j in range(4)], axis=-1)
+
+
+def _patch_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The strided convolution as the patches of x times the kernel, one matrix product."""
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    y = jnp.einsum("bhwk,ko->bhwo", _patches(x, h, w), kernel.reshape(-1, kernel.shape[-1]),
+                   preferred_element_type=_accumulator(x.dtype))
+    return y.astype(x.dtype)
+
+
+def _batch_chunks(batch: int, image_bytes: int, chunk_bytes: int) -> int:
+    """Loop steps over a batch that give each at most `chunk_bytes` per device, and at
+    least one image.
+
+    The train step shards the batch over all devices, so chunk k holds images k, k + n,
+    k + 2n, ... (n chunks): each device then reads only its own shard.
+    """
+    devices = jax.device_count() if batch % jax.device_count() == 0 else 1
+    fit = max(1, chunk_bytes // image_bytes)
+    per_device = max(d for d in range(1, batch // devices + 1)
+                     if (batch // devices) % d == 0 and d <= fit)
+    return batch // (per_device * devices)
+
+
+def _accumulator(dtype: Any) -> Any:
+    """The dtype matrix products of `dtype` accumulate in: float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+@jax.custom_vjp
+def downsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel.
+
+    Its gradients are written out so that each backend takes its own form of them: the input
+    gradient is the transposed convolution, the kernel gradient a patch product on CPUs.
+    """
+    return _stride2_conv(x, kernel)
+
+
+def _downsample_conv_fwd(x: jax.Array, kernel: jax.Array):
+    return _stride2_conv(x, kernel), (x, kernel)
+
+
+def _downsample_conv_bwd(residuals, grad_y):
+    x, kernel = residuals
+    return _stride2_conv_transpose(grad_y, kernel), _stride2_kernel_grad(x, grad_y, kernel)
+
+
+downsample_conv.defvjp(_downsample_conv_fwd, _downsample_conv_bwd)
+
+
+@jax.custom_vjp
+def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's ConvTranspose2d(k=4, s=2, p=1) on NHWC: the adjoint of `downsample_conv`
+    with the same kernel (HWIO of that convolution: [4, 4, out, in] here).
+
+    The gradients are written as those of the strided convolution. Autodiff would take the
+    kernel gradient through an input-dilated convolution, which XLA's CPU backend runs
+    through a slow generic loop.
+    """
+    return _stride2_conv_transpose(x, kernel)
+
+
+def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array):
+    return _stride2_conv_transpose(x, kernel), (x, kernel)
+
+
+def _upsample_conv_bwd(residuals, grad_y):
+    x, kernel = residuals
+    return _stride2_conv(grad_y, kernel), _stride2_kernel_grad(grad_y, x, kernel)
+
+
+upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+
+
+class DownsampleConv(nn.Module):
+    """A resolution-halving Conv(k=4, s=2, p=1) without bias, by `downsample_conv`.
+
+    Its kernel is that of `nn.Conv(features, (4, 4), strides=2, padding=1, use_bias=False)`,
+    and it takes that layer's `kernel_init`, `dtype` and `param_dtype`, so either can stand in
+    for the other.
+    """
+
+    features: int
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features),
+                            self.param_dtype)
+        return downsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class UpsampleConv(nn.Module):
+    """A resolution-doubling ConvTranspose(k=4, s=2, p=1) without bias, by `upsample_conv`.
+
+    Its kernel is that of `nn.ConvTranspose(features, (4, 4), strides=2, padding=2,
+    use_bias=False, transpose_kernel=True)`, and it takes that layer's `kernel_init`, `dtype`
+    and `param_dtype`, so either can stand in for the other.
+    """
+
+    features: int
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (4, 4, self.features, x.shape[-1]),
+                            self.param_dtype)
+        return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
