@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
 from dcgan_jax import parallel, paths, step as step_lib
+from dcgan_jax import workdir as workdir_lib
 
 
 class CheckpointError(ValueError):
@@ -44,7 +45,7 @@ REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA")
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(paths.absolute(workdir), "checkpoints")
+    return os.path.join(paths.absolute(workdir), workdir_lib.CHECKPOINTS_DIR)
 
 
 def _fid(metrics: dict[str, float]) -> float:
@@ -167,7 +168,7 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def read_run_config(workdir: str) -> Any:
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if not paths.is_file(path):
         raise CheckpointError(f"{path} does not exist; is {workdir!r} a dcgan_jax workdir?")
     return config_lib.from_json(paths.read_text(path))

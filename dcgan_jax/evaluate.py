@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from dcgan_jax import paths  # noqa: E402
+from dcgan_jax import workdir as workdir_lib  # noqa: E402
 from dcgan_jax.evaluation import weights  # noqa: E402
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def _check_inputs() -> str | None:
     heavy imports."""
     path, allow = FLAGS.fid_weights, FLAGS.allow_unknown_weights
     if FLAGS.workdir:
-        config_path = os.path.join(FLAGS.workdir, "config.json")
+        config_path = os.path.join(FLAGS.workdir, workdir_lib.CONFIG_FILE)
         if not paths.is_file(config_path):
             return f"{config_path} does not exist; is {FLAGS.workdir!r} a dcgan_jax workdir?"
         try:

@@ -19,6 +19,7 @@ import tensorflow as tf
 from clu import metric_writers, parameter_overview
 
 from dcgan_jax import config as config_lib, losses, parallel, paths
+from dcgan_jax import workdir as workdir_lib
 
 # How often a bucket workdir receives the events and metrics.jsonl written so far.
 BUCKET_SYNC_SECONDS = 60.0
@@ -90,12 +91,12 @@ class Reporter:
         self.is_writer = jax.process_index() == 0
         # Objects in a bucket cannot be appended to: there, the events and metrics.jsonl
         # are written in a local folder that is copied up now and then (see `_sync`).
-        self.mirror = (paths.Mirror(workdir, fetch=("metrics.jsonl",))
+        self.mirror = (paths.Mirror(workdir, fetch=(workdir_lib.METRICS_FILE,))
                        if self.is_writer and paths.is_remote(workdir) else None)
         folder = self.mirror.local if self.mirror else workdir
         self.writer = metric_writers.create_default_writer(
             folder, just_logging=not self.is_writer, asynchronous=True)
-        self.jsonl_path = os.path.join(folder, "metrics.jsonl")
+        self.jsonl_path = os.path.join(folder, workdir_lib.METRICS_FILE)
         self._last_sync = time.monotonic()
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch

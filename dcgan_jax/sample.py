@@ -35,6 +35,7 @@ from absl import app, flags, logging  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from dcgan_jax import checkpoints, images, parallel, paths, step as step_lib  # noqa: E402
+from dcgan_jax import workdir as workdir_lib  # noqa: E402
 from dcgan_jax.losses import D_OUTPUT_NAMES, PROBABILITY  # noqa: E402
 
 MODES = ("grid", "files", "interpolate", "gif", "real_vs_fake", "plot", "fid", "summary")
@@ -114,7 +115,7 @@ def segment_rows(path_images: np.ndarray, frames: int) -> np.ndarray:
 
 def output_path(workdir: str, default_name: str) -> str:
     """--out, or WORKDIR/figures/default_name; its folder is created."""
-    path = FLAGS.out or os.path.join(workdir, "figures", default_name)
+    path = FLAGS.out or os.path.join(workdir, workdir_lib.FIGURES_DIR, default_name)
     paths.make_dirs(os.path.dirname(paths.absolute(path)))
     return path
 
@@ -155,7 +156,7 @@ def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, 
 
 def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
     """The run's sample grids as a GIF: the EMA ones when asked for and present."""
-    grids = paths.glob(os.path.join(workdir, "samples"), "step_*.png")
+    grids = paths.glob(os.path.join(workdir, workdir_lib.SAMPLES_DIR), "step_*.png")
     averaged = [p for p in grids if p.endswith("_ema.png")]
     frames = averaged if ema and averaged else [p for p in grids if p not in averaged]
     if not frames:
@@ -188,7 +189,7 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> Non
 def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
     """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations;
     `absent` tells what to do when there are none."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     if not paths.is_file(path):
         raise checkpoints.CheckpointError(f"{path} does not exist; train first")
     rows = [row for line in paths.read_text(path).splitlines()
@@ -299,7 +300,7 @@ def main(argv: list[str]) -> None:
               reporting.parameter_table("Generator", sampler.state.g.params),
               reporting.parameter_table("Discriminator", sampler.state.d.params), sep="\n")
     elif mode == "files":
-        folder = FLAGS.out or os.path.join(workdir, "figures", f"files_{tag}")
+        folder = FLAGS.out or os.path.join(workdir, workdir_lib.FIGURES_DIR, f"files_{tag}")
         write_files(sampler, folder, FLAGS.num, FLAGS.seed, FLAGS.batch_size)
         print(f"{folder}: {FLAGS.num} images")
     elif mode == "grid":
