@@ -38,7 +38,7 @@ def _stop_requests() -> threading.Event:
         name = signal.Signals(signum).name
         if requested.is_set():  # A second signal: stop now, without saving.
             signal.signal(signum, signal.SIG_DFL)
-            say(f"Received {name} again: stopping without saving (exit status "
+            say(f"Received {name} while stopping: stopping now without saving (exit status "
                 f"{128 + signum}); the checkpoints saved before are kept.")
             raise SystemExit(128 + signum)
         say(f"Received {name}: saving a checkpoint, then stopping "
