@@ -6,7 +6,6 @@ benchmarks run where only jax, flax, optax and absl are installed (no ml_collect
 
 from __future__ import annotations
 
-import os
 import time
 import types
 from typing import Any
@@ -14,33 +13,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from dcgan_jax import parallel, step as step_lib
+from dcgan_jax import host_cpu, parallel, step as step_lib
 
 NZ, NGF, NDF, CHANNELS = 100, 64, 64, 3
 LR, BETAS = 2e-4, (0.5, 0.999)
 SEED = 0
 
 
-# The flags that decide which CPU kernels are fast: RESULTS.md rows name them.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
-
-
 def cpu_description() -> str:
-    """This host's processor: model name, cores and its vector flags, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    present = [flag for flag in CPU_FLAGS if flag in flags]
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores, "
-            f"{' '.join(present) or 'no AVX2'}")
+    """This host's processor, model and vector flags, as RESULTS.md rows name it."""
+    return host_cpu.description()
 
 
 def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dcgan_jax import host_cpu
+
 Initializer = Callable[..., jax.Array]
 Form = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -37,6 +39,12 @@ KERNEL_GRAD_CHUNK_BYTES = 2 * 1024 * 1024
 # On CPUs, stride-2 convolutions of at least this many input channels are patch-matrix
 # products. With 64 channels the direct form made the whole train step faster.
 PATCHES_MIN_CHANNELS = 128
+
+# On CPUs with AVX-512, kernel gradients are summed as [out, 16C] products (the wider side
+# minor) where 16C exceeds the output channels: XLA's kernels there run them 1.2 to 1.35
+# times faster than [16C, out], and the whole step about 5% faster. On AVX2 hosts, where the
+# forms were tuned, they stay [16C, out].
+KERNEL_GRAD_WIDE_MINOR = host_cpu.has_avx512()
 
 # On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
 # input gradient, G's first upsampling) are one matrix product and its scatter.
@@ -127,24 +135,30 @@ def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -
 
     A chunk's patches take at most `KERNEL_GRAD_CHUNK_BYTES` per device, or the size of the
     kernel gradient if that is larger: adding each chunk's product to a gradient larger
-    than the chunk costs more than the cache saves.
+    than the chunk costs more than the cache saves. With `KERNEL_GRAD_WIDE_MINOR` the sum is
+    kept as [out, 16C] where 16C is the wider side, and transposed once at the end.
     """
     b, _, _, c = x.shape
     h, w = grad_y.shape[1:3]
+    out = grad_y.shape[-1]
     accumulator = _accumulator(x.dtype)
     chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, kernel.size * accumulator.itemsize)
     chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, chunk_bytes)
     xs = x.reshape(b // chunks, chunks, *x.shape[1:])
     gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
+    wide_minor = KERNEL_GRAD_WIDE_MINOR and 16 * c > out
+    product = "bhwc,bhwk->ck" if wide_minor else "bhwk,bhwc->kc"
 
     def add_chunk(k, total):
         x_k = jax.lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False)
         g_k = jax.lax.dynamic_index_in_dim(gs, k, axis=1, keepdims=False)
-        return total + jnp.einsum("bhwk,bhwc->kc", _patches(x_k, h, w), g_k,
-                                  preferred_element_type=accumulator)
+        operands = (g_k, _patches(x_k, h, w)) if wide_minor else (_patches(x_k, h, w), g_k)
+        return total + jnp.einsum(product, *operands, preferred_element_type=accumulator)
 
-    total = jax.lax.fori_loop(0, chunks, add_chunk,
-                              jnp.zeros((16 * c, grad_y.shape[-1]), accumulator))
+    shape = (out, 16 * c) if wide_minor else (16 * c, out)
+    total = jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros(shape, accumulator))
+    if wide_minor:
+        total = total.T
     return total.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -301,14 +301,17 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("wide_minor", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
 @pytest.mark.parametrize("channels,side", [(1, 8), (3, 16), (128, 8), (16, 16), (16, 64)])
-def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, monkeypatch):
+def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, wide_minor, monkeypatch):
     """The forms a CPU takes (space-to-depth for few channels, patches times kernel for
     many, else direct), the input gradient (their adjoints) and the kernel gradient
-    (patches times gradient), in batch chunks (one image per chunk with chunk_bytes=1) or
-    not, equal the direct convolution and its autodiff."""
+    (patches times gradient, in either orientation an AVX2 or AVX-512 host picks), in batch
+    chunks (one image per chunk with chunk_bytes=1) or not, equal the direct convolution
+    and its autodiff."""
     from dcgan_jax.strided_conv import downsample_conv
+    monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", wide_minor)
     if chunk_bytes:
         monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(strided_conv, "KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
@@ -351,7 +354,9 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
     close(strided_conv.conv_transpose_input_dilated(grad_y, kernel), adjoint)
     kernel_grad = jax.vjp(lambda k: direct(x, k), kernel)[1](grad_y)[0]
     close(strided_conv.kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
-    close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
+    for wide_minor in (False, True):
+        monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", wide_minor)
+        close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
     monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", 1)
     close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
 

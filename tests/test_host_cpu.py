@@ -1,0 +1,44 @@
+"""The host processor as `dcgan_jax.host_cpu` reads it, and the forms it picks."""
+
+from __future__ import annotations
+
+from dcgan_jax import host_cpu
+
+AVX512_HOST = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_bf16
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_bf16
+"""
+AVX2_HOST = """processor\t: 0
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma
+"""
+
+
+def test_flags_and_description_are_read_from_cpuinfo(tmp_path):
+    avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+    avx512.write_text(AVX512_HOST)
+    avx2.write_text(AVX2_HOST)
+    assert host_cpu.has_avx512(str(avx512)) and not host_cpu.has_avx512(str(avx2))
+    assert "amx_bf16" in host_cpu.flags(str(avx512))
+    description = host_cpu.description(str(avx512))
+    assert description.startswith("Intel(R) Xeon(R) Processor, ")
+    assert description.endswith("avx2 fma avx512f avx512_bf16 amx_bf16")
+    assert host_cpu.description(str(avx2)).endswith("cores, avx2 fma")
+
+
+def test_a_host_without_cpuinfo_takes_the_avx2_forms(tmp_path):
+    missing = str(tmp_path / "no-such-file")
+    assert host_cpu.flags(missing) == frozenset()
+    assert not host_cpu.has_avx512(missing)
+    assert host_cpu.description(missing).startswith("unknown CPU, ")
+
+
+def test_the_kernel_gradient_orientation_follows_the_host():
+    """strided_conv reads the host once, at import: AVX-512 hosts sum kernel gradients
+    with the wider side minor."""
+    from dcgan_jax import strided_conv
+    assert strided_conv.KERNEL_GRAD_WIDE_MINOR == host_cpu.has_avx512()
