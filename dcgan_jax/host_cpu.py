@@ -2,8 +2,9 @@
 strided convolutions XLA runs fastest (`dcgan_jax.strided_conv`), and which the benchmarks
 name beside every CPU figure.
 
-Read from /proc/cpuinfo; where that file is missing (macOS, Windows) no extension is known,
-and the forms tuned on AVX2 hosts are taken.
+Read from /proc/cpuinfo and /sys/devices/system/cpu; where those are missing (macOS,
+Windows) no extension is known, the cache is taken to be that of the AVX2 host the forms were
+first tuned on, and its forms are taken.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import functools
 import os
 
 CPUINFO = "/proc/cpuinfo"
+CACHES = "/sys/devices/system/cpu/cpu0/cache"
+
+# The L2 cache per core of that AVX2 host (AMD EPYC, Zen 2 and 3), assumed where none is read.
+DEFAULT_L2_BYTES = 512 * 1024
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
 
 # The extensions that change which CPU kernels are fast, in the order benchmarks print them.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -49,3 +55,22 @@ def description(path: str = CPUINFO) -> str:
     model, present = _cpuinfo(path)
     named = [flag for flag in VECTOR_FLAGS if flag in present]
     return f"{model}, {len(os.sched_getaffinity(0))} cores, {' '.join(named) or 'no AVX2'}"
+
+
+@functools.cache
+def l2_cache_bytes(path: str = CACHES) -> int:
+    """The first core's L2 cache in bytes (DEFAULT_L2_BYTES when it cannot be read)."""
+    try:
+        for index in sorted(os.listdir(path)):
+            folder = os.path.join(path, index)
+            if not index.startswith("index"):
+                continue
+            with open(os.path.join(folder, "level")) as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(folder, "size")) as f:
+                size = f.read().strip()
+            return int(size[:-1]) * _UNITS[size[-1]] if size[-1] in _UNITS else int(size)
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_L2_BYTES

@@ -42,3 +42,19 @@ def test_the_kernel_gradient_orientation_follows_the_host():
     with the wider side minor."""
     from dcgan_jax import strided_conv
     assert strided_conv.KERNEL_GRAD_WIDE_MINOR == host_cpu.has_avx512()
+
+
+def test_l2_cache_is_read_from_sysfs_or_assumed(tmp_path):
+    for index, (level, size) in enumerate([("1", "48K"), ("1", "32K"), ("2", "2048K"),
+                                           ("3", "307200K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert host_cpu.l2_cache_bytes(str(tmp_path)) == 2 * 1024 * 1024
+    assert host_cpu.l2_cache_bytes(str(tmp_path / "missing")) == host_cpu.DEFAULT_L2_BYTES
+
+
+def test_kernel_gradient_chunks_follow_the_l2_cache():
+    from dcgan_jax import strided_conv
+    assert strided_conv.KERNEL_GRAD_CHUNK_BYTES == 4 * host_cpu.l2_cache_bytes()
