@@ -104,8 +104,7 @@ def time_layer(side: int, c_in: int, c_out: int, batch: int,
         tx, tk.shape, tg, stride=2, padding=1)
     best = {key: float("inf") for key in runs}
     with torch.no_grad():
-        for run in runs.values():
-            run()
+        check_agreement(runs)
         for round_ in range(repeats):
             order = list(runs.items())
             for key, run in order if round_ % 2 == 0 else reversed(order):
@@ -115,6 +114,19 @@ def time_layer(side: int, c_in: int, c_out: int, batch: int,
                 if key[1] == "torch":
                     time.sleep(OPENMP_SPIN_SECONDS)
     return best
+
+
+def check_agreement(runs: dict[tuple[str, str], Callable[[], object]]) -> None:
+    """Runs each form once (a warm-up) and checks it against torch's result: a form that
+    computes something else must not be timed."""
+    to_jax_layout = {"fwd": (0, 2, 3, 1), "adjoint": (0, 2, 3, 1), "kernel grad": (2, 3, 1, 0)}
+    expected = {op: np.asarray(run()).transpose(to_jax_layout[op])
+                for (op, name), run in runs.items() if name == "torch"}
+    for (op, name), run in runs.items():
+        if name != "torch":
+            error = np.abs(np.asarray(run()) - expected[op]).max() / np.abs(expected[op]).max()
+            if error > 1e-4:
+                raise AssertionError(f"{op} by {name} differs from torch's by {error:.1e}")
 
 
 def main(argv: list[str]) -> None:

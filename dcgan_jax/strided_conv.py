@@ -3,10 +3,12 @@
 `downsample_conv` and `upsample_conv` are `jax.custom_vjp` functions whose forward pass and
 gradients each pick a form per backend through `jax.lax.platform_dependent`: the backend's
 own convolution on GPUs and TPUs, space-to-depth for inputs of few channels, and
-patch-matrix products in batch chunks where XLA's CPU backend runs them faster. Every form
-computes the same convolution; the measurements behind each choice are in
-benchmarks/NOTES.md ("Where each form is chosen"). `DownsampleConv` and `UpsampleConv` are
-the layers of the networks in `dcgan_jax.models`.
+patch-matrix products in batch chunks where XLA's CPU backend runs them faster. On CPUs the
+chunk sizes and the kernel gradient's orientation follow the host processor
+(`dcgan_jax.host_cpu`: its L2 cache, AVX-512 or not). Every form computes the same
+convolution; the measurements behind each choice are in benchmarks/NOTES.md ("Where each
+form is chosen"), and `benchmarks/layer_forms.py` times them all on a new host.
+`DownsampleConv` and `UpsampleConv` are the layers of the networks in `dcgan_jax.models`.
 
 Kernels are HWIO, as `nn.Conv` has them. Heights and widths must be even, as they are in both
 networks, so that each form's adjoint maps back onto the input's shape.
