@@ -54,7 +54,9 @@ def description(path: str = CPUINFO) -> str:
     """Model name, the cores this process may use, and the vector flags in VECTOR_FLAGS."""
     model, present = _cpuinfo(path)
     named = [flag for flag in VECTOR_FLAGS if flag in present]
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {' '.join(named) or 'no AVX2'}"
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count())
+    return f"{model}, {cores} cores, {' '.join(named) or 'no AVX2'}"
 
 
 @functools.cache
