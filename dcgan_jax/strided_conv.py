@@ -35,8 +35,8 @@ FEW_CHANNELS = 8
 # Batch chunks of the patch-matrix forms XLA's CPU backend runs: each chunk's patches take at
 # most this many bytes per device (and at least one image), so that they stay in cache.
 # Kernel gradients take four times the core's L2 cache (2 MB on the AVX2 host they were
-# tuned on, 8 MB on a 2 MB-L2 AVX-512 Xeon, where 8 MB runs the 128x128 layers 1.15 to 1.25
-# times faster than 2 MB), or the gradient's size if that is larger.
+# tuned on, 8 MB on a 2 MB-L2 AVX-512 Xeon, where 8 MB runs the largest 128x128 layers 1.15
+# to 1.2 times faster than 2 MB), or the gradient's size if that is larger.
 CONV_CHUNK_BYTES = 8 * 1024 * 1024
 KERNEL_GRAD_CHUNK_BYTES = 4 * host_cpu.l2_cache_bytes()
 
@@ -45,9 +45,9 @@ KERNEL_GRAD_CHUNK_BYTES = 4 * host_cpu.l2_cache_bytes()
 PATCHES_MIN_CHANNELS = 128
 
 # On CPUs with AVX-512, kernel gradients are summed as [out, 16C] products (the wider side
-# minor) where 16C exceeds the output channels: XLA's kernels there run them 1.2 to 1.35
-# times faster than [16C, out], and the whole step about 5% faster. On AVX2 hosts, where the
-# forms were tuned, they stay [16C, out].
+# minor) where 16C exceeds the output channels: XLA's kernels there run most layers 1.2 to
+# 1.45 times faster than [16C, out], and the whole step 1 to 7% faster. On AVX2 hosts, where
+# the forms were tuned, they stay [16C, out].
 KERNEL_GRAD_WIDE_MINOR = host_cpu.has_avx512()
 
 # On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
