@@ -61,18 +61,22 @@ def description(path: str = CPUINFO) -> str:
 
 @functools.cache
 def l2_cache_bytes(path: str = CACHES) -> int:
-    """The first core's L2 cache in bytes (DEFAULT_L2_BYTES when it cannot be read)."""
+    """The first core's L2 cache in bytes as sysfs gives it ("2048K", "1M", "524288"), or
+    DEFAULT_L2_BYTES when no cache folder says level 2 with a readable size."""
     try:
-        for index in sorted(os.listdir(path)):
-            folder = os.path.join(path, index)
-            if not index.startswith("index"):
-                continue
+        indices = sorted(name for name in os.listdir(path) if name.startswith("index"))
+    except OSError:
+        return DEFAULT_L2_BYTES
+    for index in indices:
+        folder = os.path.join(path, index)
+        try:
             with open(os.path.join(folder, "level")) as f:
                 if f.read().strip() != "2":
                     continue
             with open(os.path.join(folder, "size")) as f:
-                size = f.read().strip()
-            return int(size[:-1]) * _UNITS[size[-1]] if size[-1] in _UNITS else int(size)
-    except (OSError, ValueError):
-        pass
+                size = f.read().strip().upper()
+            unit = _UNITS.get(size[-1:], 1)
+            return int(size[:-1] if size[-1:] in _UNITS else size) * unit
+        except (OSError, ValueError):
+            continue
     return DEFAULT_L2_BYTES

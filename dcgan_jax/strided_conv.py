@@ -34,20 +34,30 @@ FEW_CHANNELS = 8
 
 # Batch chunks of the patch-matrix forms XLA's CPU backend runs: each chunk's patches take at
 # most this many bytes per device (and at least one image), so that they stay in cache.
-# Kernel gradients take four times the core's L2 cache (2 MB on the AVX2 host they were
-# tuned on, 8 MB on a 2 MB-L2 AVX-512 Xeon, where 8 MB runs the largest 128x128 layers 1.15
-# to 1.2 times faster than 2 MB), or the gradient's size if that is larger.
+# Kernel gradients take four times the core's L2 cache, within the 2 to 8 MB measured best
+# (2 MB on the AVX2 EPYC with 512 KB of L2, where they were tuned; 8 MB on a 2 MB-L2 AVX-512
+# Xeon, where the largest 128x128 layers ran 1.14 to 1.19 times faster than with 2 MB), or
+# the gradient's size if that is larger.
 CONV_CHUNK_BYTES = 8 * 1024 * 1024
-KERNEL_GRAD_CHUNK_BYTES = 4 * host_cpu.l2_cache_bytes()
+
+
+def kernel_grad_chunk_bytes(l2_bytes: int) -> int:
+    """Four times a core's L2 cache, within the 2 to 8 MB measured best (a size sysfs gives
+    for a cache shared by several cores stays within it too)."""
+    return min(max(4 * l2_bytes, 2 * 1024 * 1024), 8 * 1024 * 1024)
+
+
+KERNEL_GRAD_CHUNK_BYTES = kernel_grad_chunk_bytes(host_cpu.l2_cache_bytes())
 
 # On CPUs, stride-2 convolutions of at least this many input channels are patch-matrix
 # products. With 64 channels the direct form made the whole train step faster.
 PATCHES_MIN_CHANNELS = 128
 
 # On CPUs with AVX-512, kernel gradients are summed as [out, 16C] products (the wider side
-# minor) where 16C exceeds the output channels: XLA's kernels there run most layers 1.2 to
-# 1.45 times faster than [16C, out], and the whole step 1 to 7% faster. On AVX2 hosts, where
-# the forms were tuned, they stay [16C, out].
+# minor) where 16C exceeds the output channels and the gradient fits in a chunk: on an Intel
+# Xeon, XLA's kernels ran those layers 1.2 to 1.45 times faster than as [16C, out], and the
+# one measured layer whose gradient exceeds a chunk (512 -> 1024 channels at 8x8) slower.
+# AVX2 hosts, where the forms were tuned, keep [16C, out].
 KERNEL_GRAD_WIDE_MINOR = host_cpu.has_avx512()
 
 # On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
@@ -133,24 +143,29 @@ def kernel_grad_by_convolution(x: jax.Array, grad_y: jax.Array,
     return jax.vjp(lambda k: _accelerator_form(kernel)(x, k), kernel)[1](grad_y)[0]
 
 
-def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array,
+                           wide_minor: bool | None = None) -> jax.Array:
     """The kernel gradient of the strided convolution as patches of x times the output's
     gradient, summed over chunks of the batch in a loop.
 
     A chunk's patches take at most `KERNEL_GRAD_CHUNK_BYTES` per device, or the size of the
     kernel gradient if that is larger: adding each chunk's product to a gradient larger
-    than the chunk costs more than the cache saves. With `KERNEL_GRAD_WIDE_MINOR` the sum is
-    kept as [out, 16C] where 16C is the wider side, and transposed once at the end.
+    than the chunk costs more than the cache saves. `wide_minor` keeps the sum as
+    [out, 16C], transposed once at the end, rather than [16C, out]; by default it follows
+    `KERNEL_GRAD_WIDE_MINOR` where 16C is the wider side and the gradient fits in a chunk.
     """
     b, _, _, c = x.shape
     h, w = grad_y.shape[1:3]
     out = grad_y.shape[-1]
     accumulator = _accumulator(x.dtype)
-    chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, kernel.size * accumulator.itemsize)
+    gradient_bytes = kernel.size * accumulator.itemsize
+    chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, gradient_bytes)
     chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, chunk_bytes)
     xs = x.reshape(b // chunks, chunks, *x.shape[1:])
     gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
-    wide_minor = KERNEL_GRAD_WIDE_MINOR and 16 * c > out
+    if wide_minor is None:
+        wide_minor = (KERNEL_GRAD_WIDE_MINOR and 16 * c > out
+                      and gradient_bytes <= KERNEL_GRAD_CHUNK_BYTES)
     product = "bhwc,bhwk->ck" if wide_minor else "bhwk,bhwc->kc"
 
     def add_chunk(k, total):

@@ -37,13 +37,6 @@ def test_a_host_without_cpuinfo_takes_the_avx2_forms(tmp_path):
     assert host_cpu.description(missing).startswith("unknown CPU, ")
 
 
-def test_the_kernel_gradient_orientation_follows_the_host():
-    """strided_conv reads the host once, at import: AVX-512 hosts sum kernel gradients
-    with the wider side minor."""
-    from dcgan_jax import strided_conv
-    assert strided_conv.KERNEL_GRAD_WIDE_MINOR == host_cpu.has_avx512()
-
-
 def test_l2_cache_is_read_from_sysfs_or_assumed(tmp_path):
     for index, (level, size) in enumerate([("1", "48K"), ("1", "32K"), ("2", "2048K"),
                                            ("3", "307200K")]):
@@ -55,6 +48,31 @@ def test_l2_cache_is_read_from_sysfs_or_assumed(tmp_path):
     assert host_cpu.l2_cache_bytes(str(tmp_path / "missing")) == host_cpu.DEFAULT_L2_BYTES
 
 
-def test_kernel_gradient_chunks_follow_the_l2_cache():
-    from dcgan_jax import strided_conv
-    assert strided_conv.KERNEL_GRAD_CHUNK_BYTES == 4 * host_cpu.l2_cache_bytes()
+def test_l2_cache_sizes_in_any_unit_and_unreadable_folders(tmp_path):
+    """Sizes with K, M or no unit; an empty size file or a folder without a level is
+    skipped, and with nothing readable the AVX2 host's cache is assumed."""
+    def caches(name, *folders):
+        root = tmp_path / name
+        for index, files in enumerate(folders):
+            folder = root / f"index{index}"
+            folder.mkdir(parents=True)
+            for file, text in files.items():
+                (folder / file).write_text(text)
+        return str(root)
+
+    assert host_cpu.l2_cache_bytes(caches("m", {"level": "2", "size": "1M"})) == 1024**2
+    assert host_cpu.l2_cache_bytes(caches("plain", {"level": "2", "size": "524288"})) == 524288
+    assert host_cpu.l2_cache_bytes(caches("skip", {"size": "48K"}, {"level": "2", "size": "\n"},
+                                          {"level": "2", "size": "1280K"})) == 1280 * 1024
+    assert (host_cpu.l2_cache_bytes(caches("none", {"level": "2", "size": ""}))
+            == host_cpu.DEFAULT_L2_BYTES)
+
+
+def test_kernel_gradient_chunks_from_the_l2_cache_stay_within_the_measured_range():
+    from dcgan_jax.strided_conv import kernel_grad_chunk_bytes
+    kb, mb = 1024, 1024**2
+    assert kernel_grad_chunk_bytes(512 * kb) == 2 * mb  # the AVX2 EPYC, as tuned
+    assert kernel_grad_chunk_bytes(2 * mb) == 8 * mb  # the AVX-512 Xeon
+    assert kernel_grad_chunk_bytes(1 * mb) == 4 * mb
+    assert kernel_grad_chunk_bytes(256 * kb) == 2 * mb
+    assert kernel_grad_chunk_bytes(64 * mb) == 8 * mb  # a cache shared by many cores

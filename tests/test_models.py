@@ -301,17 +301,17 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("wide_minor", [False, True])
+@pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
 @pytest.mark.parametrize("channels,side", [(1, 8), (3, 16), (128, 8), (16, 16), (16, 64)])
-def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, wide_minor, monkeypatch):
+def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, avx512, monkeypatch):
     """The forms a CPU takes (space-to-depth for few channels, patches times kernel for
     many, else direct), the input gradient (their adjoints) and the kernel gradient
-    (patches times gradient, in either orientation an AVX2 or AVX-512 host picks), in batch
+    (patches times gradient, in the orientation an AVX2 or an AVX-512 host picks), in batch
     chunks (one image per chunk with chunk_bytes=1) or not, equal the direct convolution
     and its autodiff."""
     from dcgan_jax.strided_conv import downsample_conv
-    monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", wide_minor)
+    monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", avx512)
     if chunk_bytes:
         monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(strided_conv, "KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
@@ -355,8 +355,7 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
     kernel_grad = jax.vjp(lambda k: direct(x, k), kernel)[1](grad_y)[0]
     close(strided_conv.kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
     for wide_minor in (False, True):
-        monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", wide_minor)
-        close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel), kernel_grad)
+        close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel, wide_minor), kernel_grad)
     monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", 1)
     close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
 
@@ -376,6 +375,23 @@ def test_patch_forms_in_bfloat16_round_like_the_direct_form(form):
     ours = getattr(strided_conv, form)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     theirs = reference(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     assert ours.dtype == jnp.bfloat16
+    error = lambda y: float(np.abs(np.asarray(y, np.float32) - exact).max())  # noqa: E731
+    assert error(ours) <= 1.5 * error(theirs)
+
+
+@pytest.mark.parametrize("wide_minor", [False, True])
+def test_kernel_gradient_in_bfloat16_rounds_like_the_convolution_form(wide_minor):
+    """In bfloat16 the kernel gradient's products accumulate in float32 in either
+    orientation: its error against float32 is that of autodiff's bfloat16 convolution."""
+    kx, kg, kk = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(kx, (4, 8, 8, 32))
+    grad_y = jax.random.normal(kg, (4, 4, 4, 16))
+    kernel = jax.random.normal(kk, (4, 4, 32, 16))
+    exact = strided_conv.kernel_grad_by_convolution(x, grad_y, kernel)
+    low = [a.astype(jnp.bfloat16) for a in (x, grad_y, kernel)]
+    ours = strided_conv.kernel_grad_by_matmuls(*low, wide_minor=wide_minor)
+    theirs = strided_conv.kernel_grad_by_convolution(*low)
+    assert ours.dtype == jnp.bfloat16 and ours.shape == kernel.shape
     error = lambda y: float(np.abs(np.asarray(y, np.float32) - exact).max())  # noqa: E731
     assert error(ours) <= 1.5 * error(theirs)
 
