@@ -5,9 +5,10 @@ gradients each pick a form per backend through `jax.lax.platform_dependent`: the
 own convolution on GPUs and TPUs, space-to-depth for inputs of few channels, and
 patch-matrix products in batch chunks where XLA's CPU backend runs them faster. On CPUs the
 chunk sizes and the kernel gradient's orientation follow the host processor
-(`dcgan_jax.host_cpu`: its L2 cache, AVX-512 or not). Every form computes the same
-convolution; the measurements behind each choice are in benchmarks/NOTES.md ("Where each
-form is chosen"), and `benchmarks/layer_forms.py` times them all on a new host.
+(`dcgan_jax.host_cpu`: its L2 cache, AVX-512 or not; process 0's in a multi-host run, see
+`agree_across_processes`). Every form computes the same convolution; the measurements
+behind each choice are in benchmarks/NOTES.md ("Where each form is chosen"), and
+`benchmarks/layer_forms.py` times them all on a new host.
 `DownsampleConv` and `UpsampleConv` are the layers of the networks in `dcgan_jax.models`.
 
 Kernels are HWIO, as `nn.Conv` has them. Heights and widths must be even, as they are in both
@@ -20,7 +21,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from dcgan_jax import host_cpu
 
@@ -63,6 +66,33 @@ KERNEL_GRAD_WIDE_MINOR = host_cpu.has_avx512()
 # On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
 # input gradient, G's first upsampling) are one matrix product and its scatter.
 PATCHES_TRANSPOSE_MAX_PIXELS = 16
+
+
+def agree_across_processes() -> str | None:
+    """Makes every process of a multi-host run take process 0's CPU forms; says what changed
+    here, if anything.
+
+    The kernel gradients' batch chunks and orientation follow each host's processor, and
+    they decide how many collectives the compiled step holds: processes on different
+    processors would compile steps whose collectives do not match, and gloo would abort the
+    run ("collective mismatch").
+    """
+    global KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR
+    if jax.process_count() == 1:
+        return None
+    ours = (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR)
+    chunk, wide = multihost_utils.broadcast_one_to_all(np.array([ours[0], ours[1]], np.int32))
+    KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR = int(chunk), bool(wide)
+    if (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR) == ours:
+        return None
+
+    def forms(chunk_bytes: int, wide_minor: bool) -> str:
+        return (f"kernel-gradient chunks of {chunk_bytes:,} bytes, "
+                f"{'[out, 16C]' if wide_minor else '[16C, out]'} sums")
+
+    return (f"process {jax.process_index()} runs process 0's CPU forms "
+            f"({forms(KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR)}) rather than its own "
+            f"({forms(*ours)}): every process must compile the same step")
 
 
 def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

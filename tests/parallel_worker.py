@@ -3,8 +3,10 @@
 Run by test_parallel.py under different device and process counts, which must agree.
 `--random_flip` flips real images on the device. `--patch_forms` makes a CPU take its
 patch-matrix convolutions at every layer, one image per batch chunk, as it otherwise does
-only for wide layers. `--loss`, `--gradient_penalty`, `--d_norm` and `--augment` set the
-config fields of those names."""
+only for wide layers. `--other_processor` makes this process stand for a host whose
+processor picks other kernel-gradient forms (one-image chunks, the other orientation).
+`--loss`, `--gradient_penalty`, `--d_norm` and `--augment` set the config fields of those
+names."""
 
 import argparse
 import json
@@ -25,6 +27,7 @@ parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--coordinator_address", default=None)
 parser.add_argument("--msg", action="store_true")
 parser.add_argument("--patch_forms", action="store_true")
+parser.add_argument("--other_processor", action="store_true")
 parser.add_argument("--random_flip", action="store_true")
 parser.add_argument("--loss", default="ns")
 parser.add_argument("--gradient_penalty", default="none")
@@ -34,6 +37,10 @@ args = parser.parse_args()
 if args.patch_forms:
     strided_conv.PATCHES_MIN_CHANNELS = strided_conv.FEW_CHANNELS
     strided_conv.CONV_CHUNK_BYTES = strided_conv.KERNEL_GRAD_CHUNK_BYTES = 1
+
+if args.other_processor:
+    strided_conv.KERNEL_GRAD_CHUNK_BYTES = 1
+    strided_conv.KERNEL_GRAD_WIDE_MINOR = not strided_conv.KERNEL_GRAD_WIDE_MINOR
 
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -60,5 +67,7 @@ result["loops"] = train_step.as_text().count(" while(")
 result["g_params_abs_sum"] = float(sum(np.abs(x).sum() for x in
                                        jax.tree.leaves(parallel.fetch(state.g.params))))
 result["devices"] = jax.device_count()
+result["kernel_grad_forms"] = [strided_conv.KERNEL_GRAD_CHUNK_BYTES,
+                               strided_conv.KERNEL_GRAD_WIDE_MINOR]
 if jax.process_index() == 0:
     print("RESULT " + json.dumps(result), flush=True)

@@ -64,11 +64,13 @@ def test_chunked_patch_forms_on_four_devices_agree_with_direct_forms():
 
 
 def test_two_hosts_agree_with_one():
+    """Process 1 stands for a host with another processor: without process 0's CPU forms
+    its step would hold other collectives, and gloo would abort both."""
     single = result_of(run([WORKER], devices=4).stdout)
     port = portpicker.pick_unused_port()
     procs = [subprocess.Popen(
         [sys.executable, WORKER, "--num_processes=2", f"--process_id={i}",
-         f"--coordinator_address=127.0.0.1:{port}"],
+         f"--coordinator_address=127.0.0.1:{port}", *(["--other_processor"] if i else [])],
         cwd=REPO, env=subprocess_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
         for i in range(2)]
@@ -77,6 +79,9 @@ def test_two_hosts_agree_with_one():
         assert p.returncode == 0, err[-3000:]
     multi = result_of(outputs[0][0])
     assert multi["devices"] == 4
+    assert multi["kernel_grad_forms"] == single["kernel_grad_forms"]
+    assert "process 1 runs process 0's CPU forms (kernel-gradient chunks of" in outputs[1][1]
+    assert "CPU forms" not in outputs[0][1]
     assert_close(single, multi)
 
 
