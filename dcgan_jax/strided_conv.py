@@ -75,13 +75,13 @@ def agree_across_processes() -> str | None:
     The kernel gradients' batch chunks and orientation follow each host's processor, and
     they decide how many collectives the compiled step holds: processes on different
     processors would compile steps whose collectives do not match, and gloo would abort the
-    run ("collective mismatch").
+    run ("collective mismatch"). GPUs and TPUs compile only their own forms.
     """
     global KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
         return None
     ours = (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR)
-    chunk, wide = multihost_utils.broadcast_one_to_all(np.array([ours[0], ours[1]], np.int32))
+    chunk, wide = multihost_utils.broadcast_one_to_all(np.array(ours, np.int32))
     KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR = int(chunk), bool(wide)
     if (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR) == ours:
         return None

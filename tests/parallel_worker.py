@@ -4,7 +4,8 @@ Run by test_parallel.py under different device and process counts, which must ag
 `--random_flip` flips real images on the device. `--patch_forms` makes a CPU take its
 patch-matrix convolutions at every layer, one image per batch chunk, as it otherwise does
 only for wide layers. `--other_processor` makes this process stand for a host whose
-processor picks other kernel-gradient forms (one-image chunks, the other orientation).
+processor picks other kernel-gradient forms (smaller chunks, the other orientation); every
+process prints the forms it compiled with (`FORMS`).
 `--loss`, `--gradient_penalty`, `--d_norm` and `--augment` set the config fields of those
 names."""
 
@@ -39,7 +40,10 @@ if args.patch_forms:
     strided_conv.CONV_CHUNK_BYTES = strided_conv.KERNEL_GRAD_CHUNK_BYTES = 1
 
 if args.other_processor:
-    strided_conv.KERNEL_GRAD_CHUNK_BYTES = 1
+    # 16 KiB: one image a chunk at most layers, and a chunk in which the 512 B and 8 KB
+    # kernel gradients of these narrow networks fit, so that they take the flipped
+    # orientation (16C is their wider side).
+    strided_conv.KERNEL_GRAD_CHUNK_BYTES = 16 * 1024
     strided_conv.KERNEL_GRAD_WIDE_MINOR = not strided_conv.KERNEL_GRAD_WIDE_MINOR
 
 if args.num_processes > 1:
@@ -67,7 +71,7 @@ result["loops"] = train_step.as_text().count(" while(")
 result["g_params_abs_sum"] = float(sum(np.abs(x).sum() for x in
                                        jax.tree.leaves(parallel.fetch(state.g.params))))
 result["devices"] = jax.device_count()
-result["kernel_grad_forms"] = [strided_conv.KERNEL_GRAD_CHUNK_BYTES,
-                               strided_conv.KERNEL_GRAD_WIDE_MINOR]
+print("FORMS " + json.dumps([strided_conv.KERNEL_GRAD_CHUNK_BYTES,
+                             strided_conv.KERNEL_GRAD_WIDE_MINOR]), flush=True)
 if jax.process_index() == 0:
     print("RESULT " + json.dumps(result), flush=True)
