@@ -157,13 +157,12 @@ def conv_transpose_by_space_to_depth(x: jax.Array, kernel: jax.Array) -> jax.Arr
 
 def conv_transpose_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The adjoint of the patch product: x times the kernel's transpose, each row added back
-    onto the 16 input pixels its patch came from, all in float32 or wider."""
-    b, h, w, _ = x.shape
+    onto the 16 input pixels its patch came from (`_patches_adjoint`), all in float32 or
+    wider."""
     accumulator = _accumulator(x.dtype)
     rows = jnp.einsum("bhwo,ko->bhwk", x, kernel.reshape(-1, kernel.shape[-1]),
                       preferred_element_type=accumulator)
-    primal = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[2]), accumulator)
-    return jax.linear_transpose(lambda u: _patches(u, h, w), primal)(rows)[0].astype(x.dtype)
+    return _patches_adjoint(rows, kernel.shape[2]).astype(x.dtype)
 
 
 def kernel_grad_by_convolution(x: jax.Array, grad_y: jax.Array,
@@ -267,6 +266,25 @@ def _patches(x: jax.Array, h: int, w: int) -> jax.Array:
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return jnp.concatenate([padded[:, i:i + 2 * h:2, j:j + 2 * w:2]
                             for i in range(4) for j in range(4)], axis=-1)
+
+
+def _patches_adjoint(rows: jax.Array, c: int) -> jax.Array:
+    """The adjoint of `_patches`: rows [b, h, w, 16C] added back onto [b, 2h, 2w, C].
+
+    Tap (i, j) of output (y, x) reads padded pixel (2y + i, 2x + j). With i = 2a + r and
+    j = 2s + t, that is pixel (r, t) of the padded input's 2x2 block (y + a, x + s), so the
+    sum is four shifted copies of the rows, one per block offset (a, s), then one transpose
+    from blocks to pixels. `jax.linear_transpose` of `_patches` pads each of the 16 taps to
+    the full size instead: in the train step, XLA's CPU backend spent 55 ms on those sixteen
+    pads for G's 4x4 -> 8x8 layer, against 10 ms on these four (benchmarks/NOTES.md).
+    """
+    b, h, w, _ = rows.shape
+    taps = rows.reshape(b, h, w, 2, 2, 2, 2, c)
+    blocks = sum(jnp.pad(taps[:, :, :, a, :, s], ((0, 0), (a, 1 - a), (s, 1 - s), (0, 0),
+                                                  (0, 0), (0, 0)))
+                 for a in range(2) for s in range(2))
+    padded = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h + 2, 2 * w + 2, c)
+    return padded[:, 1:-1, 1:-1]
 
 
 def _patch_product(x: jax.Array, kernel: jax.Array) -> jax.Array:

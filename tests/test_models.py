@@ -360,6 +360,18 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
     close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
 
 
+def test_patches_adjoint_is_the_transpose_of_patches():
+    """The four-shift scatter equals autodiff's transpose of the patch gather, also on a
+    non-square image: <patches(u), r> == <u, adjoint(r)> for every u and r."""
+    ku, kr = jax.random.split(jax.random.PRNGKey(1))
+    u = jax.random.normal(ku, (2, 8, 12, 5))
+    rows = jax.random.normal(kr, (2, 4, 6, 16 * 5))
+    expected = jax.linear_transpose(lambda v: strided_conv._patches(v, 4, 6), u)(rows)[0]
+    ours = strided_conv._patches_adjoint(rows, 5)
+    assert ours.shape == u.shape
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("form", ["conv_by_patches", "conv_transpose_by_patches",
                                   "conv_transpose_by_space_to_depth"])
 def test_patch_forms_in_bfloat16_round_like_the_direct_form(form):
