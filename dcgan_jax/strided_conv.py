@@ -271,12 +271,13 @@ def _patches(x: jax.Array, h: int, w: int) -> jax.Array:
 def _patches_adjoint(rows: jax.Array, c: int) -> jax.Array:
     """The adjoint of `_patches`: rows [b, h, w, 16C] added back onto [b, 2h, 2w, C].
 
-    Tap (i, j) of output (y, x) reads padded pixel (2y + i, 2x + j). With i = 2a + r and
-    j = 2s + t, that is pixel (r, t) of the padded input's 2x2 block (y + a, x + s), so the
+    Tap (i, j) of output (p, q) reads padded pixel (2p + i, 2q + j). With i = 2a + r and
+    j = 2s + t, that is pixel (r, t) of the padded input's 2x2 block (p + a, q + s), so the
     sum is four shifted copies of the rows, one per block offset (a, s), then one transpose
-    from blocks to pixels. `jax.linear_transpose` of `_patches` pads each of the 16 taps to
-    the full size instead: in the train step, XLA's CPU backend spent 55 ms on those sixteen
-    pads for G's 4x4 -> 8x8 layer, against 10 ms on these four (benchmarks/NOTES.md).
+    from blocks to pixels, less the padding ring. `jax.linear_transpose` of `_patches` pads
+    each of the 16 taps to the full size instead: in the 64x64 train step on an AVX-512 Xeon,
+    XLA's CPU backend spent 55 ms on that scatter for G's 4x4 -> 8x8 layer, against 10 ms
+    on this one (benchmarks/NOTES.md).
     """
     b, h, w, _ = rows.shape
     taps = rows.reshape(b, h, w, 2, 2, 2, 2, c)
