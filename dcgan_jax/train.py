@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -40,7 +41,10 @@ def _stop_requests() -> threading.Event:
             signal.signal(signum, signal.SIG_DFL)
             say(f"Received {name} while stopping: stopping now without saving (exit status "
                 f"{128 + signum}); the checkpoints saved before are kept.")
-            raise SystemExit(128 + signum)
+            sys.stderr.flush()
+            # Not SystemExit: a handler that runs inside a callback (the garbage collector's,
+            # a __del__) has its exception printed and ignored, and the run would go on.
+            os._exit(128 + signum)
         say(f"Received {name}: saving a checkpoint, then stopping "
             f"(send it again to stop without saving).")
         requested.set()

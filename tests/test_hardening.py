@@ -113,6 +113,35 @@ def test_a_second_stop_signal_stops_at_once_quietly_with_its_status(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+def test_a_second_stop_signal_handled_inside_a_gc_callback_still_stops():
+    """Python runs a signal's handler at its next check, which may fall inside a garbage
+    collector's callback, where a raised exception is printed and ignored: the second
+    signal must end the process there too, with its status and nothing after it."""
+    script = """if True:
+        import gc, os, signal
+        from dcgan_jax import train
+        requested = train._stop_requests()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert requested.wait(10)
+
+        def second_signal_during_collection(phase, info):
+            if phase == "start":
+                gc.callbacks.remove(second_signal_during_collection)
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100000))
+
+        gc.callbacks.append(second_signal_during_collection)
+        gc.collect()
+        print("still running")
+    """
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr[-3000:]
+    assert "stopping now without saving (exit status 143)" in result.stdout
+    assert "still running" not in result.stdout
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+
+
 @pytest.fixture
 def small_disk():
     """A 600 kB tmpfs: room for the run's first checkpoint, not for many."""
