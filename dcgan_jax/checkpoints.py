@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import math
+from json import JSONDecodeError
 import os
 import time
 from typing import Any, Callable
@@ -40,6 +41,8 @@ def _cause(error: BaseException) -> str:
     return first.split(" See full TensorStore details")[0][:300]
 
 
+# How orbax names the folder of a save until it is complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # What a complete checkpoint folder holds besides the arrays (orbax writes them last).
 REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA")
 
@@ -65,7 +68,8 @@ def make_manager(workdir: str, keep: int = 3, read_only: bool = False,
             policies.BestN(get_metric_fn=_fid, reverse=True, n=1,
                            keep_checkpoints_without_metrics=False)]) if keep_best_fid else None,
         best_fn=_fid if keep_best_fid else None, best_mode="min",
-        create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
+        create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -116,9 +120,67 @@ def best_fid(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
     return (step, fid) if math.isfinite(fid) else None
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint that reads but does not fit this run: never moved aside, never retried
+    with an older one; the run stops, naming what differs."""
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in the workdir, without opening a manager: orbax
+    names a checkpoint by its step only once it is complete."""
+    folder = checkpoint_dir(workdir)
+    if not paths.exists(folder):
+        return []
+    return sorted(int(name) for name in paths.list_names(folder) if name.isdigit())
+
+
+def stale_temporaries(workdir: str) -> list[str]:
+    """Folders of saves that never finished (a killed run): orbax removes them when a
+    writing manager opens, which only the run holding the workdir's lock does."""
+    return paths.glob(checkpoint_dir(workdir), f"*{TMP_SUFFIX}*")
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'g/params/Dense_0/kernel' -> shape, for a state, its abstract form or its metadata."""
+    def name(key: Any) -> str:
+        return str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
+    return {"/".join(map(name, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_fits(path: str, abstract_state: step_lib.GANState) -> None:
+    """Raises IncompatibleCheckpointError if the checkpoint's arrays, read from its
+    metadata, differ from the state this config builds; CheckpointError if the metadata
+    cannot be read."""
+    try:
+        saved = _leaf_shapes(ocp.StandardCheckpointer().metadata(
+            os.path.join(path, "state")).item_metadata)
+    except Exception as error:  # orbax raises many types for unreadable metadata
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+    wanted = _leaf_shapes(abstract_state)
+    if saved == wanted:
+        return
+    differences = [f"{name} is {'missing' if name not in saved else saved[name]} there, "
+                   f"{'missing' if name not in wanted else wanted[name]} here"
+                   for name in sorted(set(saved) | set(wanted))
+                   if saved.get(name) != wanted.get(name)]
+    sections = sorted({name.split("/")[0] for name in set(saved) ^ set(wanted)})
+    raise IncompatibleCheckpointError(
+        f"checkpoint {path} does not fit the networks of this config "
+        f"({len(differences)} arrays differ, e.g. {differences[0]}"
+        + (f"; {', '.join(sections)} present on one side only" if sections else "")
+        + "); use the config it was trained with, or train in a new workdir (with "
+          f"--config.init_from={os.path.dirname(os.path.dirname(path))} to start from its "
+          f"weights)")
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,
-            step: int | None = None, data_iterator: Any = None) -> step_lib.GANState:
-    """The state at `step` (latest when None); also rewinds `data_iterator` when given."""
+            step: int | None = None) -> step_lib.GANState:
+    """The state at `step` (latest when None).
+
+    Raises IncompatibleCheckpointError if it does not fit `abstract_state`, and
+    CheckpointError if it is missing or cannot be read.
+    """
     steps = manager.all_steps()
     if not steps:
         raise CheckpointError(f"no checkpoint in {manager.directory}; train first")
@@ -126,40 +188,97 @@ def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,
     if step not in steps:
         raise CheckpointError(f"no checkpoint of step {step} in {manager.directory}; "
                               f"saved steps: {', '.join(map(str, sorted(steps)))}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     path = os.path.join(manager.directory, str(step))
     missing = [name for name in REQUIRED_FILES if not paths.exists(os.path.join(path, name))]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} "
                               f"missing")
+    _check_fits(path, abstract_state)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
     except Exception as error:  # orbax raises many types for unreadable files
         raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
     return restored["state"]
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
-                            data_iterator: Any, say: Callable[[str], None]
-                            ) -> tuple[step_lib.GANState, int] | None:
-    """The state of the newest checkpoint that can be read, and its step; None if none can.
+class DataPositionError(IncompatibleCheckpointError):
+    """A checkpoint's data position does not fit the dataset as it is now."""
 
-    An unreadable one is reported in one line and moved aside into
-    WORKDIR/checkpoints_unreadable/ (never deleted), and the one before it is tried.
+
+def position_advice(workdir: str) -> str:
+    """The ways out of a data position that does not fit, in one sentence."""
+    return (f"Go back to the data the run was trained on, restart the data order keeping "
+            f"the step and the weights with --config.data.reset_position=true, or train in "
+            f"a new workdir (with --config.init_from={workdir} to start from its weights)")
+
+
+def restore_position(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
+    """Rewinds `data_iterator` to the position saved with `step`.
+
+    Raises DataPositionError if the position does not fit the data (the iterator says so
+    with a ValueError of its own), CheckpointError if it cannot be read.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    path = os.path.join(manager.directory, str(step))
+    try:
+        manager.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as error:
+        cause = error
+        while cause is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ValueError) and not isinstance(cause, JSONDecodeError):
+            raise DataPositionError(f"checkpoint {path}: {_cause(cause)}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
+                            data_iterator: Any, say: Callable[[str], None],
+                            reset_position: bool = False) -> tuple[step_lib.GANState, int]:
+    """The state of the newest checkpoint that can be read, and its step; rewinds
+    `data_iterator` (unless None) to its data position, or, with `reset_position`, leaves
+    it at the start when that position does not fit the data.
+
+    Unreadable ones (truncated files, missing metadata) are named in one line each and,
+    once an older one has been restored, moved aside into WORKDIR/checkpoints_unreadable/
+    (never deleted). A checkpoint that reads but does not fit (IncompatibleCheckpointError)
+    stops the search, and so does finding none readable (CheckpointError): then nothing
+    is moved.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    unreadable: list[tuple[int, CheckpointError]] = []
+    for index, step in enumerate(steps):
         try:
-            return restore(manager, abstract_state, step, data_iterator), step
+            state = restore(manager, abstract_state, step)
+            if data_iterator is not None:
+                restore_position(manager, step, data_iterator)
+        except DataPositionError as error:
+            if not reset_position:
+                workdir = os.path.dirname(str(manager.directory))
+                raise DataPositionError(f"{error}. {position_advice(workdir)}") from None
+            say(f"Restarting the data order ({error}; data.reset_position=true), keeping "
+                f"the step and the weights")
+        except IncompatibleCheckpointError:
+            raise
         except CheckpointError as error:
-            aside = _move_aside(manager, step)
-            say(f"Warning: {error}; moved it to {aside}, trying the checkpoint before it")
-    return None
+            later = "; trying the checkpoint before it" if index + 1 < len(steps) else ""
+            say(f"Warning: {error}{later}")
+            unreadable.append((step, error))
+            continue
+        for bad_step, error in unreadable:
+            say(f"Moved the unreadable checkpoint of step {bad_step} to "
+                f"{_move_aside(manager, bad_step)}")
+        return state, step
+    newest_step, newest_error = unreadable[0]
+    raise CheckpointError(
+        f"none of the {len(steps)} checkpoints in {manager.directory} can be read (step "
+        f"{newest_step}: {str(newest_error).split(': ', 1)[-1]}); nothing was moved or "
+        f"changed. Restore them from a copy, train in a new workdir, or run again with "
+        f"--start_over to set this run aside and start afresh")
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    folder = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_unreadable")
+    folder = os.path.join(os.path.dirname(str(manager.directory)), workdir_lib.UNREADABLE_DIR)
     aside = os.path.join(folder, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
         paths.move(os.path.join(manager.directory, str(step)), aside)
@@ -168,27 +287,19 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def read_run_config(workdir: str) -> Any:
+    """The config a run saved in its workdir; CheckpointError in one line if it is missing
+    or damaged."""
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if not paths.is_file(path):
         raise CheckpointError(f"{path} does not exist; is {workdir!r} a dcgan_jax workdir?")
-    return config_lib.from_json(paths.read_text(path))
-
-
-def check_resumable(config: Any, workdir: str) -> None:
-    """Refuses to resume with other networks, or with another data path or (when decoding
-    every epoch) worker count than the saved data position was taken with."""
-    saved = config_lib.flatten(read_run_config(workdir))
-    position_fields = {"data.prepared"} | (
-        {"data.num_workers"} if config.data.prepared == "off" else set())
-    for name, value in config_lib.flatten(config).items():
-        if not (name.startswith("model.") or name in position_fields):
-            continue
-        if (saved_value := saved.get(name)) != value:
-            raise CheckpointError(
-                f"config.{name}={value!r} differs from {saved_value!r} in "
-                f"{os.path.join(workdir, 'config.json')}, whose checkpoints this run would "
-                f"resume; keep the saved value, or start a new workdir (with "
-                f"--config.init_from={workdir} to keep the weights)")
+    try:
+        return config_lib.from_json(paths.read_text(path))
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"{path} is damaged ({reason}); it records the config of the run in "
+            f"{workdir}: restore it from a copy, or write it again from the config file "
+            f"the run was started with") from None
 
 
 def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.GANState:

@@ -8,7 +8,7 @@ import logging as python_logging
 import os
 import runpy
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from absl import flags, logging
 
@@ -87,14 +87,17 @@ class _DropLibraryRecords(python_logging.Filter):
         return "/orbax/" not in record.pathname and record.name != "asyncio"
 
 
-def _quiet_unraisable(unraisable: Any) -> None:
-    """Drops the pages of 'Exception ignored in <coroutine>' that orbax's asyncio leaves
-    when a save or restore fails and the interpreter shuts down."""
-    text = f"{unraisable.exc_type.__name__}: {unraisable.exc_value}"
-    if ("coroutine" in repr(unraisable.object) or "Event loop is closed" in text
-            or "Python is likely shutting down" in text):
-        return
-    sys.__unraisablehook__(unraisable)
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A hook that drops the pages of 'Exception ignored in <coroutine>' that orbax's
+    asyncio leaves when a save or restore fails and the interpreter shuts down, and passes
+    the rest to the `previous` hook."""
+    def hook(unraisable: Any) -> None:
+        text = f"{unraisable.exc_type.__name__}: {unraisable.exc_value}"
+        if ("coroutine" in repr(unraisable.object) or "Event loop is closed" in text
+                or "Python is likely shutting down" in text):
+            return
+        previous(unraisable)
+    return hook
 
 
 def quiet_logs() -> None:
@@ -103,4 +106,4 @@ def quiet_logs() -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
         logging.get_absl_handler().addFilter(_DropLibraryRecords())
-    sys.unraisablehook = _quiet_unraisable
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)

@@ -76,6 +76,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     # for FID reference statistics; -1: one per core; 0: in the training process.
     config.data.num_workers = -1
     config.data.prefetch = 4
+    # On a resume whose data no longer fits the saved data position (another dataset, files
+    # added or removed, another data.prepared): restart the data order, keeping the step
+    # and the weights, instead of refusing.
+    config.data.reset_position = False
     # Where prepared data, Kaggle downloads, the FID weights and reference statistics are
     # kept; empty means ~/.cache/dcgan_jax.
     config.data.cache_dir = ""

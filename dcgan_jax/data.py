@@ -17,6 +17,7 @@ instead of stopping the run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -148,6 +149,25 @@ def open_source(dataset: str, cache_dir: str = "", tfds_data_dir: str = "") -> S
         return list_image_files(kaggle_folder(rest, local_cache_root(cache_dir)))
     raise DataError(f"config.dataset={dataset!r} must start with demo:, tfds:, folder: or "
                     f"kaggle:")
+
+
+def source_identity(dataset: str, source: Sequence[Any]) -> dict[str, Any]:
+    """What a saved data position is over: the dataset, its record count and a digest of
+    its records that survives a copy to another disk or host (file names relative to the
+    folder and sizes, not times), so a pod's fresh hosts resume their run."""
+    digest = hashlib.sha256()
+    if len(source) and isinstance(source[0], str):  # image files
+        root = os.path.commonpath(list(source)) if len(source) > 1 else os.path.dirname(source[0])
+        for path in source:
+            digest.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\n".encode())
+    elif isinstance(source, np.ndarray):  # the demo digits
+        digest.update(f"{source.shape}{source.dtype}".encode())
+        digest.update(source.tobytes())
+    else:  # a tfds data source
+        info = getattr(source, "dataset_info", None)
+        name = info.full_name if info is not None else type(source).__name__
+        digest.update(f"{name}\t{getattr(source, 'split', '')}".encode())
+    return {"dataset": dataset, "records": len(source), "fingerprint": digest.hexdigest()}
 
 
 # Larger image files are skipped as unreadable: one such image decodes to 300 MB or more.

@@ -6,11 +6,15 @@ command on the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
+    from dcgan_jax import signals
+    signals.exit_on_stop_signals("dcgan_jax")
 
-from dcgan_jax import cli, config as config_lib, parallel, workdir
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dcgan_jax import cli, config as config_lib, parallel, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples and logs.")
@@ -21,6 +25,9 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run (or JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run "
                      "(or JAX_PROCESS_ID).")
+flags.DEFINE_bool("start_over", False,
+                  "Train afresh in a workdir that holds a run: its files are first moved into "
+                  "DIR/previous/TIME/, never overwritten.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,7 +57,7 @@ def main(argv: list[str]) -> None:
     from dcgan_jax.evaluation import metrics, weights
 
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.start_over)
     except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
             reporting.NonFiniteLossError, weights.WeightsError, metrics.MetricError,
             workdir.WorkdirError, prepared.PreparedDataError) as error:

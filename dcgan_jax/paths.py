@@ -113,6 +113,11 @@ def write_text(path: PathLike, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def list_names(folder: PathLike) -> list[str]:
+    """The names of the files and folders directly in `folder`, sorted."""
+    return sorted(p.name for p in epath.Path(folder).iterdir())
+
+
 def glob(folder: PathLike, pattern: str) -> list[str]:
     """The paths in `folder` that match `pattern`, sorted."""
     return sorted(os.fspath(p) for p in epath.Path(folder).glob(pattern))

@@ -61,10 +61,11 @@ def parameter_table(name: str, params: Any) -> str:
     return f"{name}: {count:,} parameters\n{overview}"
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
+def truncate_metrics(path: str, last_step: int, note: dict[str, Any] | None = None) -> None:
     """Drops lines logged after `last_step`, the checkpoint a resumed run continues from,
-    and any line a crash left half-written."""
-    if not paths.exists(path):
+    and any line a crash left half-written; then appends `note` (a resume's changed
+    config fields), if any."""
+    if not paths.exists(path) and note is None:
         return
 
     def kept(line: str) -> bool:
@@ -73,8 +74,11 @@ def truncate_metrics(path: str, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             return False
 
-    paths.write_text(path, "".join(line + "\n" for line in paths.read_text(path).splitlines()
-                                   if kept(line)))
+    lines = [line + "\n" for line in (paths.read_text(path).splitlines()
+                                      if paths.exists(path) else []) if kept(line)]
+    if note is not None:
+        lines.append(json.dumps(note) + "\n")
+    paths.write_text(path, "".join(lines))
 
 
 class Reporter:

@@ -25,6 +25,9 @@ import os
 import sys
 from typing import Callable
 
+if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
+    from dcgan_jax import signals
+    signals.exit_on_stop_signals("dcgan_jax.sample")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import imageio.v3 as iio  # noqa: E402
@@ -186,6 +189,14 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> Non
     plt.close(figure)
 
 
+def _json_line(line: str) -> object:
+    """A line of metrics.jsonl; None for one that a crash left half-written."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
     """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations;
     `absent` tells what to do when there are none."""
@@ -193,7 +204,7 @@ def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
     if not paths.is_file(path):
         raise checkpoints.CheckpointError(f"{path} does not exist; train first")
     rows = [row for line in paths.read_text(path).splitlines()
-            if line.strip() and key in (row := json.loads(line))]
+            if isinstance(row := _json_line(line), dict) and key in row]
     if not rows:
         raise checkpoints.CheckpointError(f"{path} holds no {key} values{absent}")
     return rows

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -13,8 +11,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.experimental import multihost_utils
 
-from dcgan_jax import checkpoints, data, images, losses, parallel, paths, reporting
+from dcgan_jax import checkpoints, data, images, losses, parallel, paths, reporting, resume
+from dcgan_jax import signals
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
@@ -30,31 +30,6 @@ def benchmark_noise(config: Any) -> jax.Array:
                              (rows * cols, config.model.nz))
 
 
-def _stop_requests() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so the loop can save before it exits."""
-    requested = threading.Event()
-
-    def handler(signum, frame):
-        del frame
-        name = signal.Signals(signum).name
-        if requested.is_set():  # A second signal: stop now, without saving.
-            signal.signal(signum, signal.SIG_DFL)
-            say(f"Received {name} while stopping: stopping now without saving (exit status "
-                f"{128 + signum}); the checkpoints saved before are kept.")
-            sys.stderr.flush()
-            # Not SystemExit: a handler that runs inside a callback (the garbage collector's,
-            # a __del__) has its exception printed and ignored, and the run would go on.
-            os._exit(128 + signum)
-        say(f"Received {name}: saving a checkpoint, then stopping "
-            f"(send it again to stop without saving).")
-        requested.set()
-
-    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-    return requested
-
-
 def is_due(every: int, step: int, total_steps: int) -> bool:
     """Whether a periodic action runs after `step`: every `every` steps, and at the last."""
     return step % every == 0 or step == total_steps
@@ -66,26 +41,37 @@ def _say_every_process(line: str) -> None:
     print(prefix + line, flush=True)
 
 
-def _write_config(config: Any, workdir: str) -> None:
-    if jax.process_index() == 0:
-        paths.write_text(os.path.join(workdir, workdir_lib.CONFIG_FILE),
-                         config_lib.to_json(config))
-
-
-def train_and_evaluate(config: Any, workdir: str) -> step_lib.GANState:
+def train_and_evaluate(config: Any, workdir: str, start_over: bool = False
+                       ) -> step_lib.GANState:
     """Trains until config's last step, resuming from the workdir's newest readable
-    checkpoint; holds the workdir's lock (process 0) throughout."""
+    checkpoint, or, with `start_over`, afresh after setting the earlier run's files aside;
+    holds the workdir's lock (process 0) throughout."""
     config_lib.validate(config, jax.device_count(), jax.process_count())  # for API callers
     workdir = workdir_lib.create(workdir)
     with workdir_lib.locked(workdir, take=jax.process_index() == 0):
-        return _train(config, workdir)
+        return _train(config, workdir, start_over)
 
 
-def _train(config: Any, workdir: str) -> step_lib.GANState:
+def _plan(config: Any, workdir: str, dataset: dict[str, Any],
+          start_over: bool) -> resume.Plan:
+    """resume.plan on every process; only process 0 sets files aside, and the others wait
+    for it before they touch the workdir."""
+    is_writer = jax.process_index() == 0
+    plan = resume.plan(config, workdir, dataset, start_over,
+                       say if is_writer else lambda line: None, is_writer)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dcgan_jax: the workdir is ready")
+    return plan
+
+
+def _train(config: Any, workdir: str, start_over: bool) -> step_lib.GANState:
     reporting.hide_gpus_from_tensorflow()
     mesh = parallel.make_mesh()
     source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
     steps_per_epoch = data.steps_per_epoch(config, source, jax.process_count())
+    dataset = data.source_identity(config.dataset, source)
+    # Before the tables, and before anything in the workdir is touched.
+    plan = _plan(config, workdir, dataset, start_over)
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     num_epochs = -(-total_steps // steps_per_epoch)
     sample_every, ckpt_every, evaluate_every = (
@@ -101,26 +87,29 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
     state = step_lib.create_train_state(config, mesh, total_steps)
     say(reporting.parameter_table("Generator", state.g.params),
         reporting.parameter_table("Discriminator", state.d.params))
+    if jax.process_index() == 0:
+        for folder in checkpoints.stale_temporaries(workdir):
+            say(f"Removing {folder}, a save that a stopped run left unfinished")
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints,
                                        keep_best_fid=evaluate_every > 0)
     iterator = data.make_pipeline(config, source, jax.process_index(), jax.process_count(),
                                   say=_say_every_process)
     start = 0
-    if manager.all_steps():
-        checkpoints.check_resumable(config, workdir)
-        restored = checkpoints.restore_newest_readable(
-            manager, step_lib.abstract_train_state(config, mesh, total_steps), iterator, say)
-        if restored is None:
-            say(f"Warning: no checkpoint in {manager.directory} can be read; starting anew")
-        else:
-            state, start = restored
-            say(f"Resumed from step {start} in {manager.directory}")
-    if not start and config.init_from:
+    if plan.resume:
+        state, start = checkpoints.restore_newest_readable(
+            manager, step_lib.abstract_train_state(config, mesh, total_steps),
+            None if plan.reset_position else iterator, say, config.data.reset_position)
+        say(f"Resumed from step {start} in {manager.directory}")
+    elif config.init_from:
         state = checkpoints.load_weights(config.init_from, state, mesh)
         say(f"Starting from the weights of {config.init_from}")
-    _write_config(config, workdir)  # Only now: a refused resume leaves the old one in place.
-    if jax.process_index() == 0:
-        reporting.truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
+    if jax.process_index() == 0:  # Only now: a refused resume leaves the old files in place.
+        resume.write_run_files(workdir, config, dataset)
+        reporting.truncate_metrics(
+            os.path.join(workdir, workdir_lib.METRICS_FILE), start,
+            {"step": start, "time": time.time(), "config_changes": {
+                name: list(values) for name, values in plan.changes.items()}}
+            if plan.changes else None)
 
     samples_dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
     if jax.process_index() == 0 and not paths.exists(os.path.join(samples_dir, "real.png")):
@@ -145,7 +134,8 @@ def _train(config: Any, workdir: str) -> step_lib.GANState:
         from dcgan_jax.evaluation.evaluator import Evaluator
         evaluator = Evaluator(config, mesh, source)
         say(evaluator.reference_line)
-    stop = _stop_requests()
+    stop = (signals.stop_requests() if jax.process_count() == 1
+            else threading.Event())  # several hosts stop at orbax's preemption sync
     unreadable = data.UnreadableReport()
     batches = data.DeviceBatches(iterator, mesh, config.train.d_steps, unreadable.add)
 

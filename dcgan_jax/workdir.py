@@ -1,10 +1,13 @@
 """A run's folder: its layout, its creation, and the lock that keeps one run in it at a time.
 
     DIR/config.json          the resolved config
+    DIR/dataset.json         what the data position of the checkpoints is over
     DIR/metrics.jsonl        one JSON object per logged step and per evaluation
     DIR/samples/             grids of G every sample_every steps, and real.png
     DIR/figures/             what `dcgan_jax.sample` writes by default
     DIR/checkpoints/STEP/    orbax checkpoints
+    DIR/checkpoints_unreadable/STEP-TIME/   checkpoints that could not be read, moved aside
+    DIR/previous/TIME/       an earlier run's files, set aside by a fresh start in DIR
     DIR/run.lock             held by the run training in DIR (not in a bucket)
 
 DIR may be a bucket (gs://BUCKET/RUN), which every host of a pod reaches. Only the
@@ -26,10 +29,13 @@ from typing import Iterator
 from dcgan_jax import paths
 
 CONFIG_FILE = "config.json"
+DATASET_FILE = "dataset.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 FIGURES_DIR = "figures"
 CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"
+PREVIOUS_DIR = "previous"
 LOCK_FILE = "run.lock"
 
 
@@ -124,6 +130,30 @@ def ensure_free(workdir: str) -> None:
     if not paths.is_remote(workdir):
         with locked(workdir):
             pass
+
+
+def run_files(workdir: str) -> list[str]:
+    """Names of what runs left in the workdir: everything but the lock and the runs already
+    set aside."""
+    if not paths.exists(workdir):
+        return []
+    return sorted(name for name in paths.list_names(workdir)
+                  if name not in (LOCK_FILE, PREVIOUS_DIR))
+
+
+def set_aside(workdir: str) -> str | None:
+    """Moves the files of the runs in the workdir into DIR/previous/TIME/, so that a fresh
+    start overwrites nothing; returns that folder, or None if there was nothing to move."""
+    names = run_files(workdir)
+    if not names:
+        return None
+    aside = os.path.join(workdir, PREVIOUS_DIR,
+                         datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    while paths.exists(aside):
+        aside += "+"
+    for name in names:
+        paths.move(os.path.join(workdir, name), os.path.join(aside, name))
+    return aside
 
 
 def _holder(fd: int) -> str:

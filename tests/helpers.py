@@ -68,3 +68,31 @@ def random_fid_weights(path: str, seed: int = 0) -> str:
         state_dict[inception.torch_key(names[1:])] = value.astype(np.float32)
     weights.save_npz(state_dict, path)
     return path
+
+
+def tree_digest(folder) -> dict[str, str]:
+    """SHA-256 of every file under `folder` by relative path, but the run lock (whose text
+    names its last holder): equal digests mean a command left every byte of a run as it
+    was."""
+    import hashlib
+    digests = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != "run.lock":
+                with open(path, "rb") as f:
+                    digests[relative] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def random_image_folder(folder, count: int, shape: tuple[int, ...], suffix: str = ".png"):
+    """`count` images of random pixels, named 00.png, 01.png, ...; returns the folder."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+            os.path.join(folder, f"{i:02d}{suffix}"))
+    return folder

@@ -119,8 +119,8 @@ def test_a_second_stop_signal_handled_inside_a_gc_callback_still_stops():
     signal must end the process there too, with its status and nothing after it."""
     script = """if True:
         import gc, os, signal
-        from dcgan_jax import train
-        requested = train._stop_requests()
+        from dcgan_jax import signals
+        requested = signals.stop_requests()
         os.kill(os.getpid(), signal.SIGINT)
         assert requested.wait(10)
 
@@ -173,7 +173,9 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resum
     result = run(main_args(tmp_path, **{"train.num_steps": 8}))
     warning = next(l for l in result.stdout.splitlines() if l.startswith("Warning:"))
     assert f"checkpoint {tmp_path}/checkpoints/6 cannot be read: OUT_OF_RANGE" in warning
-    assert "<bound method" not in warning and "moved it to" in warning
+    assert "<bound method" not in warning and "trying the checkpoint before it" in warning
+    assert (f"Moved the unreadable checkpoint of step 6 to {tmp_path}/checkpoints_unreadable/6-"
+            in result.stdout)
     assert "Resumed from step 3" in result.stdout and "Done: 8 steps" in result.stdout
     aside = os.listdir(tmp_path / "checkpoints_unreadable")
     assert len(aside) == 1 and aside[0].startswith("6-")
