@@ -132,13 +132,19 @@ def ensure_free(workdir: str) -> None:
             pass
 
 
+# What a run writes in its workdir besides the folders named above.
+RUN_FILES = (CONFIG_FILE, DATASET_FILE, METRICS_FILE, SAMPLES_DIR, FIGURES_DIR,
+             CHECKPOINTS_DIR, UNREADABLE_DIR)
+EVENTS_PREFIX = "events.out.tfevents."
+
+
 def run_files(workdir: str) -> list[str]:
-    """Names of what runs left in the workdir: everything but the lock and the runs already
-    set aside."""
+    """Names of what runs wrote in the workdir, and nothing else that lies there (a workdir
+    may be a folder that holds other things too)."""
     if not paths.exists(workdir):
         return []
-    return sorted(name for name in paths.list_names(workdir)
-                  if name not in (LOCK_FILE, PREVIOUS_DIR))
+    return [name for name in paths.list_names(workdir)
+            if name in RUN_FILES or name.startswith(EVENTS_PREFIX)]
 
 
 def set_aside(workdir: str) -> str | None:

@@ -95,13 +95,14 @@ def test_a_fresh_start_sets_an_earlier_run_aside_byte_for_byte(saved_run):
     workdir, config = saved_run
     shutil.rmtree(workdir / "checkpoints")  # killed before its first checkpoint
     before = tree_digest(workdir)
+    (workdir / "notes.txt").write_text("the user's own file")  # not a run's: stays
     lines = []
     assert resume.plan(config, str(workdir), DATASET, False, lines.append) == resume.Plan(False)
     (aside,) = os.listdir(workdir / workdir_lib.PREVIOUS_DIR)
     assert tree_digest(workdir / workdir_lib.PREVIOUS_DIR / aside) == before
     assert lines == [f"Set the earlier run's files aside into {workdir}/previous/{aside} "
                      f"(nothing in it to resume); starting afresh"]
-    assert sorted(os.listdir(workdir)) == [workdir_lib.PREVIOUS_DIR]
+    assert sorted(os.listdir(workdir)) == ["notes.txt", workdir_lib.PREVIOUS_DIR]
     assert resume.plan(config, str(workdir), DATASET, True, lines.append) == resume.Plan(False)
     assert len(lines) == 1  # nothing left to set aside
 
