@@ -74,13 +74,17 @@ def make_manager(workdir: str, keep: int = 3, read_only: bool = False,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: step_lib.GANState,
-         data_position: Any = None, metrics: dict[str, float] | None = None) -> None:
+         data_position: Any = None, metrics: dict[str, float] | None = None,
+         dataset: dict[str, Any] | None = None) -> None:
     """Saves asynchronously; `data_position` is anything with grain's `get_state()` (the
-    pipeline after this step's batch); `metrics` (an evaluation's FID) rank it among the
+    pipeline after this step's batch), saved with `dataset`, the identity of the records
+    it is over (`data.source_identity`); `metrics` (an evaluation's FID) rank it among the
     best."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_position is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_position)
+    if dataset is not None:
+        items["dataset"] = ocp.args.JsonSave(dataset)
     check_saves(manager)
     try:
         manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
@@ -126,18 +130,34 @@ class IncompatibleCheckpointError(CheckpointError):
 
 
 def saved_steps(workdir: str) -> list[int]:
-    """Steps of the complete checkpoints in the workdir, without opening a manager: orbax
-    names a checkpoint by its step only once it is complete."""
-    folder = checkpoint_dir(workdir)
-    if not paths.exists(folder):
+    """Steps of the complete checkpoints in the workdir, as orbax judges them (in a
+    bucket, a step folder is complete once it holds its commit marker)."""
+    if not paths.exists(checkpoint_dir(workdir)):
         return []
-    return sorted(int(name) for name in paths.list_names(folder) if name.isdigit())
+    return sorted(make_manager(workdir, read_only=True).all_steps())
 
 
 def stale_temporaries(workdir: str) -> list[str]:
     """Folders of saves that never finished (a killed run): orbax removes them when a
     writing manager opens, which only the run holding the workdir's lock does."""
-    return paths.glob(checkpoint_dir(workdir), f"*{TMP_SUFFIX}*")
+    folder = checkpoint_dir(workdir)
+    if not paths.exists(folder):
+        return []
+    complete = {str(step) for step in saved_steps(workdir)}
+    return [os.path.join(folder, name) for name in paths.list_names(folder)
+            if TMP_SUFFIX in name or (name.isdigit() and name not in complete)]
+
+
+def saved_dataset(workdir: str, step: int) -> dict[str, Any] | None:
+    """The identity of the records the data position of checkpoint `step` is over; None
+    for checkpoints saved before it was recorded, or if it cannot be read (the restore of
+    the position then judges)."""
+    try:
+        restored = make_manager(workdir, read_only=True).restore(
+            step, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))
+    except Exception:  # absent or unreadable: orbax raises many types
+        return None
+    return restored["dataset"] if isinstance(restored["dataset"], dict) else None
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -150,13 +170,15 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _check_fits(path: str, abstract_state: step_lib.GANState) -> None:
     """Raises IncompatibleCheckpointError if the checkpoint's arrays, read from its
-    metadata, differ from the state this config builds; CheckpointError if the metadata
-    cannot be read."""
+    metadata, differ from the state its run's config.json builds; CheckpointError if the
+    metadata cannot be read."""
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        saved = _leaf_shapes(ocp.StandardCheckpointer().metadata(
-            os.path.join(path, "state")).item_metadata)
+        saved = _leaf_shapes(checkpointer.metadata(os.path.join(path, "state")).item_metadata)
     except Exception as error:  # orbax raises many types for unreadable metadata
         raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
+    finally:
+        checkpointer.close()
     wanted = _leaf_shapes(abstract_state)
     if saved == wanted:
         return
@@ -165,13 +187,14 @@ def _check_fits(path: str, abstract_state: step_lib.GANState) -> None:
                    for name in sorted(set(saved) | set(wanted))
                    if saved.get(name) != wanted.get(name)]
     sections = sorted({name.split("/")[0] for name in set(saved) ^ set(wanted)})
+    config_path = os.path.join(os.path.dirname(os.path.dirname(path)),
+                               workdir_lib.CONFIG_FILE)
     raise IncompatibleCheckpointError(
-        f"checkpoint {path} does not fit the networks of this config "
+        f"checkpoint {path} does not fit the networks that {config_path} describes "
         f"({len(differences)} arrays differ, e.g. {differences[0]}"
         + (f"; {', '.join(sections)} present on one side only" if sections else "")
-        + "); use the config it was trained with, or train in a new workdir (with "
-          f"--config.init_from={os.path.dirname(os.path.dirname(path))} to start from its "
-          f"weights)")
+        + f"): was {workdir_lib.CONFIG_FILE} edited? Restore the one the run was trained "
+          f"with")
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: step_lib.GANState,
@@ -228,7 +251,8 @@ def restore_position(manager: ocp.CheckpointManager, step: int, data_iterator: A
         while cause is not None and not isinstance(cause, ValueError):
             cause = cause.__cause__ or cause.__context__
         if isinstance(cause, ValueError) and not isinstance(cause, JSONDecodeError):
-            raise DataPositionError(f"checkpoint {path}: {_cause(cause)}") from None
+            reason = _cause(cause).split("; train in a new workdir")[0]
+            raise DataPositionError(f"checkpoint {path}: {reason}") from None
         raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
 
 
@@ -246,6 +270,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
     is moved.
     """
     steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {manager.directory}")
     unreadable: list[tuple[int, CheckpointError]] = []
     for index, step in enumerate(steps):
         try:

@@ -112,6 +112,13 @@ class Reporter:
         self._last_time: float | None = None
         self._last_step = 0
 
+    def rewind(self, last_step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Continues metrics.jsonl after `last_step`, the step a run starts from, recording
+        the config fields a resume changed (see `truncate_metrics`)."""
+        note = ({"step": last_step, "time": time.time(), "config_changes": {
+            name: list(values) for name, values in changes.items()}} if changes else None)
+        truncate_metrics(self.jsonl_path, last_step, note)
+
     def start_timer(self, step: int) -> None:
         """Marks where speed is measured from (after compilation)."""
         self._last_time, self._last_step = time.perf_counter(), step

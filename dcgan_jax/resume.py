@@ -3,9 +3,10 @@
 Decided before the start-up tables and before anything in the workdir is touched:
 - config fields that change the networks' trees or what the saved state means (model.*,
   EMA on or off) must equal the saved ones;
-- the data position saved with the checkpoints must fit the data: the same dataset (its
-  identity, `dataset.json`), the same `data.prepared` and, decoding every epoch, the same
-  `data.num_workers`; `data.reset_position=true` restarts the data order instead;
+- the data position saved with the newest checkpoint must fit the data: the same records
+  (their identity is saved beside the position), the same `data.prepared` and, decoding
+  every epoch, the same `data.num_workers`; `data.reset_position=true` restarts the data
+  order instead;
 - other changed fields (the recipe: loss, augment, rates, ...) are named in one line and
   recorded in metrics.jsonl;
 - an earlier run's files are never overwritten: a fresh start sets them aside first.
@@ -14,11 +15,10 @@ Decided before the start-up tables and before anything in the workdir is touched
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
-from dcgan_jax import checkpoints, config as config_lib, paths
+from dcgan_jax import checkpoints, config as config_lib, paths, signals
 from dcgan_jax import workdir as workdir_lib
 
 # Fields that neither shape the state nor change the training math: changed silently.
@@ -27,6 +27,9 @@ RUN_SETTINGS = ("train.num_steps", "train.num_epochs", "init_from", "log_every",
                 "keep_checkpoints", "sample_grid", "data.prefetch", "data.cache_dir",
                 "data.tfds_data_dir", "data.reset_position", "data.num_workers")
 RUN_SETTING_PREFIXES = ("eval.",)
+# model.* fields that leave every array's shape as it is: another value is refused on a
+# resume, but --config.init_from can carry the weights over.
+SHAPE_KEEPING_MODEL_FIELDS = ("model.leaky_slope",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,42 +42,47 @@ class Plan:
     reset_position: bool = False
 
 
-def read_dataset_record(workdir: str) -> dict[str, Any] | None:
-    """The identity of the data the checkpoints were trained on; None for workdirs made
-    before it was recorded."""
-    path = os.path.join(workdir, workdir_lib.DATASET_FILE)
-    if not paths.is_file(path):
-        return None
-    try:
-        record = json.loads(paths.read_text(path))
-        return record if isinstance(record, dict) else {}
-    except ValueError:
-        return {}  # damaged: differs from any dataset, so a resume needs reset_position
-
-
-def write_run_files(workdir: str, config: Any, dataset: dict[str, Any]) -> None:
-    """config.json and dataset.json of the run about to train (process 0 only)."""
+def write_run_config(workdir: str, config: Any) -> None:
+    """config.json of the run that has just taken over the workdir (process 0 only)."""
     paths.write_text(os.path.join(workdir, workdir_lib.CONFIG_FILE),
                      config_lib.to_json(config))
-    paths.write_text(os.path.join(workdir, workdir_lib.DATASET_FILE),
-                     json.dumps(dataset, indent=2, sort_keys=True))
 
 
 def _is_run_setting(name: str) -> bool:
     return name in RUN_SETTINGS or name.startswith(RUN_SETTING_PREFIXES)
 
 
-def _data_change(saved_dataset: dict[str, Any] | None, dataset: dict[str, Any]) -> str | None:
-    """What changed in the data since the checkpoints, in a few words; None if nothing."""
-    if saved_dataset is None or saved_dataset == dataset:
+def _data_change(saved: dict[str, Any] | None, dataset: dict[str, Any]) -> str | None:
+    """How the records differ from those of the saved data position, in a few words; None
+    if they do not, or if the checkpoint does not say."""
+    if saved is None or (saved.get("records"), saved.get("fingerprint")) == (
+            dataset["records"], dataset["fingerprint"]):
         return None
-    if saved_dataset.get("dataset") != dataset["dataset"]:
-        return (f"config.dataset={dataset['dataset']!r} differs from "
-                f"{saved_dataset.get('dataset')!r}")
-    if saved_dataset.get("records") != dataset["records"]:
-        return (f"the dataset {dataset['dataset']} holds {dataset['records']:,} records, "
-                f"{saved_dataset.get('records')} when the checkpoints were saved")
-    return f"the files of the dataset {dataset['dataset']} changed since the checkpoints"
+    if saved.get("records") != dataset["records"]:
+        return (f"{dataset['dataset']} holds {dataset['records']:,} records, "
+                f"{saved.get('records'):,} when the checkpoint was saved")
+    return f"the records of {dataset['dataset']} changed since the checkpoint was saved"
+
+
+def _is_on(ema_decay: Any) -> bool:
+    return isinstance(ema_decay, (int, float)) and ema_decay > 0
+
+
+def _check_init_from(config: Any, workdir: str) -> str:
+    """config.init_from, checked before a fresh start moves anything: it must be a run
+    with checkpoints, and not the workdir itself, whose files a fresh start moves."""
+    if not config.init_from:
+        return ""
+    if paths.absolute(config.init_from) == paths.absolute(workdir):
+        raise checkpoints.CheckpointError(
+            f"config.init_from={config.init_from!r} is the workdir itself, whose files "
+            f"--start_over moves into {workdir_lib.PREVIOUS_DIR}/: move the run elsewhere "
+            f"first and start from there, or train in a new workdir")
+    checkpoints.read_run_config(config.init_from)
+    if not checkpoints.saved_steps(config.init_from):
+        raise checkpoints.CheckpointError(
+            f"config.init_from={config.init_from!r} holds no complete checkpoint")
+    return config.init_from
 
 
 def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
@@ -84,39 +92,43 @@ def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
     alike; only the writer (process 0) moves files."""
     steps = checkpoints.saved_steps(workdir)
     if start_over or not steps:
-        if is_writer and (aside := workdir_lib.set_aside(workdir)):
-            why = ("--start_over" if start_over and steps
-                   else "nothing in it to resume")
+        _check_init_from(config, workdir)
+        with signals.deferred():  # a run's files are moved whole or not at all
+            aside = workdir_lib.set_aside(workdir) if is_writer else None
+        if aside:
+            why = "--start_over" if start_over and steps else "nothing in it to resume"
             say(f"Set the earlier run's files aside into {aside} ({why}); starting afresh")
         return Plan(resume=False)
 
     saved = config_lib.flatten(checkpoints.read_run_config(workdir))
     config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     refused, data_changes, changes = [], [], {}
+    weights_carry_over = True
     for name, value in config_lib.flatten(config).items():
         old = saved.get(name)
         if old == value:
             continue
-        position_field = name in ("data.prepared", "dataset") or (
-            name == "data.num_workers" and config.data.prepared == "off")
         if name.startswith("model."):
             refused.append(f"config.{name}={value!r} differs from {old!r}")
-        elif name == "train.ema_decay" and (old > 0) != (value > 0):
+            weights_carry_over &= name in SHAPE_KEEPING_MODEL_FIELDS
+        elif name == "train.ema_decay" and _is_on(old) != _is_on(value):
             refused.append(f"config.train.ema_decay={value!r} turns the average of G "
-                           f"{'on' if value > 0 else 'off'} (it was {old!r})")
-        elif position_field:
+                           f"{'on' if _is_on(value) else 'off'} (it was {old!r})")
+        elif name == "data.prepared" or (
+                name == "data.num_workers" and config.data.prepared == "off"):
             data_changes.append(f"config.{name}={value!r} differs from {old!r} in "
                                 f"{workdir_lib.CONFIG_FILE}")
         elif not _is_run_setting(name):
             changes[name] = (old, value)
     if refused:
+        carry = (f" (with --config.init_from={workdir} to start from its weights)"
+                 if weights_carry_over else "")
         raise checkpoints.IncompatibleCheckpointError(
             f"{' and '.join(refused)} in {config_path}, whose checkpoints this run would "
             f"resume: they shape the saved networks. Go back to the saved value, or train "
-            f"in a new workdir (with --config.init_from={workdir} to start from its "
-            f"weights)")
-    if (change := _data_change(read_dataset_record(workdir), dataset)) and not any(
-            "config.dataset=" in c for c in data_changes):
+            f"in a new workdir{carry}")
+    saved_dataset = checkpoints.saved_dataset(workdir, steps[-1])
+    if change := _data_change(saved_dataset, dataset):
         data_changes.append(change)
     if data_changes and not config.data.reset_position:
         raise checkpoints.DataPositionError(
@@ -129,5 +141,7 @@ def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
     if data_changes:
         say(f"Restarting the data order ({'; '.join(data_changes)}; "
             f"data.reset_position=true), keeping the step and the weights")
+    elif saved_dataset is None and config.data.prepared == "off":
+        say(f"Note: the checkpoints in {workdir} do not record their dataset (saved by an "
+            f"earlier version), so a change of its images cannot be noticed")
     return Plan(resume=True, changes=changes, reset_position=bool(data_changes))
-

@@ -10,10 +10,12 @@ the command lines install the first handler before their heavy imports.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
 import threading
+from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -87,9 +89,24 @@ def stop_requests() -> threading.Event:
     return requested
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM back while the block runs (in the main thread), so that
+    what it does (moving a run's files) is done whole; they arrive when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def ignore_interrupts_in_worker(worker_index: int = 0, worker_count: int = 0) -> None:
     """A decoding worker's first act (grain's worker_init_fn): Ctrl-C reaches every process
-    of the terminal's group, and the parent alone decides how to stop."""
+    of the terminal's group, and the parent alone decides how to stop. The parent may
+    have started it with the stop signals blocked; a SIGTERM that came meanwhile ends it now."""
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -103,14 +103,6 @@ def _train(config: Any, workdir: str, start_over: bool) -> step_lib.GANState:
     elif config.init_from:
         state = checkpoints.load_weights(config.init_from, state, mesh)
         say(f"Starting from the weights of {config.init_from}")
-    if jax.process_index() == 0:  # Only now: a refused resume leaves the old files in place.
-        resume.write_run_files(workdir, config, dataset)
-        reporting.truncate_metrics(
-            os.path.join(workdir, workdir_lib.METRICS_FILE), start,
-            {"step": start, "time": time.time(), "config_changes": {
-                name: list(values) for name, values in plan.changes.items()}}
-            if plan.changes else None)
-
     samples_dir = os.path.join(workdir, workdir_lib.SAMPLES_DIR)
     if jax.process_index() == 0 and not paths.exists(os.path.join(samples_dir, "real.png")):
         real = data.sample_images(config, source, grid_rows * grid_cols)
@@ -178,7 +170,7 @@ def _train(config: Any, workdir: str, start_over: bool) -> step_lib.GANState:
 
         def finish() -> None:
             require_finite(step, finite)
-            checkpoints.save(manager, step, snapshot, position, scores)
+            checkpoints.save(manager, step, snapshot, position, scores, dataset)
         return finish
 
     step = start
@@ -200,6 +192,10 @@ def _train(config: Any, workdir: str, start_over: bool) -> step_lib.GANState:
                 say(f"Compiled and ran the first step in "
                     f"{time.perf_counter() - compile_start:.1f} s")
                 reporter.start_timer(step)
+                if jax.process_index() == 0:  # Only now: a run stopped or refused at
+                    # start-up leaves the earlier run's files as they were.
+                    resume.write_run_config(workdir, config)
+                    reporter.rewind(start, plan.changes)
             due = functools.partial(is_due, step=step, total_steps=total_steps)
             reporter.push(step, metrics if due(config.log_every) else None)
             if due(steps_per_epoch):

@@ -1,7 +1,6 @@
 """A run's folder: its layout, its creation, and the lock that keeps one run in it at a time.
 
     DIR/config.json          the resolved config
-    DIR/dataset.json         what the data position of the checkpoints is over
     DIR/metrics.jsonl        one JSON object per logged step and per evaluation
     DIR/samples/             grids of G every sample_every steps, and real.png
     DIR/figures/             what `dcgan_jax.sample` writes by default
@@ -29,7 +28,6 @@ from typing import Iterator
 from dcgan_jax import paths
 
 CONFIG_FILE = "config.json"
-DATASET_FILE = "dataset.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 FIGURES_DIR = "figures"
@@ -133,7 +131,7 @@ def ensure_free(workdir: str) -> None:
 
 
 # What a run writes in its workdir besides the folders named above.
-RUN_FILES = (CONFIG_FILE, DATASET_FILE, METRICS_FILE, SAMPLES_DIR, FIGURES_DIR,
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SAMPLES_DIR, FIGURES_DIR,
              CHECKPOINTS_DIR, UNREADABLE_DIR)
 EVENTS_PREFIX = "events.out.tfevents."
 

@@ -22,13 +22,25 @@ from tiny_config import tiny_config
 DATASET = {"dataset": "demo:mnist", "records": 5000, "fingerprint": "f"}
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A real checkpoint of step 6 of the tiny config, its data position over DATASET."""
+    from dcgan_jax import parallel, prepared, step as step_lib
+    folder = tmp_path_factory.mktemp("checkpoint")
+    state = step_lib.create_train_state(tiny_config(), parallel.make_mesh(), 10)
+    position = prepared.BatchIterator(np.zeros((40, 32, 32, 1), np.uint8), 16, seed=0)
+    manager = checkpoints.make_manager(str(folder))
+    checkpoints.save(manager, 6, state, position, dataset=DATASET)
+    checkpoints.finish_saves(manager)
+    return folder / "checkpoints"
+
+
 @pytest.fixture
-def saved_run(tmp_path):
-    """A workdir as a run leaves it, with a stand-in checkpoint folder (plan reads only its
-    name) and the files that must survive any refusal."""
+def saved_run(tmp_path, tiny_checkpoint):
+    """A workdir as a run leaves it, with the files that must survive any refusal."""
     config = tiny_config()
-    resume.write_run_files(str(tmp_path), config, DATASET)
-    (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+    resume.write_run_config(str(tmp_path), config)
+    shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints")
     (tmp_path / "metrics.jsonl").write_text('{"step": 6}\n')
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "step_0000006.png").write_bytes(b"png")
@@ -50,25 +62,32 @@ def test_plan_refuses_what_shapes_the_state_and_names_the_recipe_changes(saved_r
         lines = []
         return resume.plan(changed, str(workdir), identity, False, lines.append), lines
 
-    for overrides, refusal in [
-            ({"model.ngf": 16}, "config.model.ngf=16 differs from 8 in"),
-            ({"train.ema_decay": 0.999}, "turns the average of G on (it was 0.0)"),
-            ({"model.d_norm": "spectral"}, "config.model.d_norm='spectral' differs"),
-            ({"data.prepared": "off"}, "config.data.prepared='off' differs from 'auto'"),
-            ({"dataset": "tfds:mnist"}, "config.dataset='tfds:mnist' differs")]:
+    for overrides, refusal, init_from in [
+            ({"model.ngf": 16}, "config.model.ngf=16 differs from 8 in", False),
+            ({"train.ema_decay": 0.999}, "turns the average of G on (it was 0.0)", True),
+            ({"model.d_norm": "spectral"}, "config.model.d_norm='spectral' differs", False),
+            ({"model.leaky_slope": 0.1}, "config.model.leaky_slope=0.1 differs", True),
+            ({"data.prepared": "off"}, "config.data.prepared='off' differs from 'auto'",
+             True)]:
         with pytest.raises(checkpoints.IncompatibleCheckpointError) as error:
             plan(**overrides)
-        assert refusal in str(error.value) and "--config.init_from=" in str(error.value)
+        assert refusal in str(error.value)
+        assert ("--config.init_from=" in str(error.value)) == init_from, str(error.value)
     with pytest.raises(checkpoints.DataPositionError,
-                       match=r"holds 5,001 records, 5000 when the checkpoints were saved.*"
+                       match=r"holds 5,001 records, 5,000 when the checkpoint was saved.*"
                              r"--config.data.reset_position=true"):
         plan({**DATASET, "records": 5001})
-    with pytest.raises(checkpoints.DataPositionError, match="files of the dataset"):
+    with pytest.raises(checkpoints.DataPositionError, match="records of demo:mnist changed"):
         plan({**DATASET, "fingerprint": "g"})
     assert tree_digest(workdir) == before
 
     unchanged, lines = plan(**{"train.num_steps": 99, "eval.every": 5})
     assert unchanged == resume.Plan(resume=True) and lines == []
+    moved, lines = plan({**DATASET, "dataset": "folder:/elsewhere"},
+                        **{"dataset": "folder:/elsewhere"})  # the same records, moved
+    assert moved.resume and not moved.reset_position
+    assert lines == ["Changed since the checkpoints: dataset 'demo:mnist' -> "
+                     "'folder:/elsewhere'"]
     recipe, lines = plan(**{"train.loss": "hinge", "train.augment": "color"})
     assert recipe.changes == {"train.loss": ("ns", "hinge"), "train.augment": ("", "color")}
     assert lines == ["Changed since the checkpoints: train.augment '' -> 'color', "
@@ -102,6 +121,10 @@ def test_a_fresh_start_sets_an_earlier_run_aside_byte_for_byte(saved_run):
     assert tree_digest(workdir / workdir_lib.PREVIOUS_DIR / aside) == before
     assert lines == [f"Set the earlier run's files aside into {workdir}/previous/{aside} "
                      f"(nothing in it to resume); starting afresh"]
+    config.init_from = str(workdir)
+    with pytest.raises(checkpoints.CheckpointError, match="is the workdir itself"):
+        resume.plan(config, str(workdir), DATASET, True, lines.append)
+    config.init_from = ""
     assert sorted(os.listdir(workdir)) == ["notes.txt", workdir_lib.PREVIOUS_DIR]
     assert resume.plan(config, str(workdir), DATASET, True, lines.append) == resume.Plan(False)
     assert len(lines) == 1  # nothing left to set aside
@@ -160,11 +183,14 @@ def test_refused_resumes_and_stops_keep_every_byte_and_a_recipe_change_is_record
     ema_on = refused(1, "config.train.ema_decay=0.999 turns the average of G on",
                      **{"train.ema_decay": 0.999})
     assert ema_on.stdout == ""  # before the start-up tables
-    refused(1, "config.model.ngf=16 differs from 8 in", "--config.init_from=",
+    refused(1, "config.model.ngf=16 differs from 8 in", "or train in a new workdir",
             **{"model.ngf": 16})
 
-    for signum, after in ((signal.SIGINT, 0.5), (signal.SIGTERM, "Data:")):
-        stopped = _interrupted(main_args(tmp_path, **{"train.num_steps": 9}), signum, after)
+    # The second stops after the restore, before the first step: the changed recipe must
+    # not reach config.json (the next resume would not name the change).
+    for signum, after in ((signal.SIGINT, 0.5), (signal.SIGTERM, "Resumed from step 6")):
+        stopped = _interrupted(main_args(tmp_path, **{"train.num_steps": 9,
+                                                      "train.loss": "hinge"}), signum, after)
         one = stopped.stderr.strip().splitlines()
         assert stopped.returncode == 128 + signum and len(one) == 1, stopped.stderr[-3000:]
         assert f"stopped by {signal.Signals(signum).name}" in one[0]
@@ -216,8 +242,8 @@ def test_a_folder_that_gained_an_image_refuses_then_restarts_its_data_order(tmp_
     before = tree_digest(workdir)
     shutil.copy(folder / "00.png", folder / "40.png")
     result = run(main_args(workdir, **{**overrides, "train.num_steps": 9}), check=False)
-    one_line_error(result, f"cannot resume {workdir}: the dataset folder:{folder} holds 41 "
-                           f"records, 40 when the checkpoints were saved",
+    one_line_error(result, f"cannot resume {workdir}: folder:{folder} holds 41 records, 40 "
+                           f"when the checkpoint was saved",
                    "--config.data.reset_position=true")
     assert tree_digest(workdir) == before
 
@@ -225,7 +251,7 @@ def test_a_folder_that_gained_an_image_refuses_then_restarts_its_data_order(tmp_
                                       "data.reset_position": True}))
     assert "Restarting the data order" in reset.stdout and "Resumed from step 6" in reset.stdout
     assert "Done: 9 steps" in reset.stdout
-    assert json.loads((workdir / "dataset.json").read_text())["records"] == 41
+    assert checkpoints.saved_dataset(str(workdir), 9)["records"] == 41
     again = run(main_args(workdir, **{**overrides, "train.num_steps": 10}))
     assert "Restarting" not in again.stdout and "Resumed from step 9" in again.stdout
 
@@ -234,7 +260,7 @@ def test_a_folder_that_gained_an_image_refuses_then_restarts_its_data_order(tmp_
 def test_a_checkpoint_that_reads_but_does_not_fit_is_never_moved(tmp_path):
     """The tree and the data position are checked against the checkpoint itself too, for
     what the config check cannot see (an edited config.json, a workdir from before
-    dataset.json); an unreadable newer checkpoint falls back to an older one."""
+    recorded datasets); an unreadable newer checkpoint falls back to an older one."""
     import jax
 
     from dcgan_jax import parallel, prepared, step as step_lib
@@ -253,8 +279,9 @@ def test_a_checkpoint_that_reads_but_does_not_fit_is_never_moved(tmp_path):
 
     wider = step_lib.abstract_train_state(tiny_config(model__ngf=16), mesh, 10)
     with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                       match=r"checkpoints/6 does not fit the networks of this config \(\d+ "
-                             r"arrays differ, e.g. g/.* is \(.*\) there, \(.*\) here"):
+                       match=r"checkpoints/6 does not fit the networks that .*config.json "
+                             r"describes \(\d+ arrays differ, e.g. g/.* is \(.*\) there, "
+                             r"\(.*\) here\): was config.json edited\?"):
         checkpoints.restore_newest_readable(manager, wider, None, print)
     with_ema = step_lib.abstract_train_state(tiny_config(train__ema_decay=0.5), mesh, 10)
     with pytest.raises(checkpoints.IncompatibleCheckpointError,
