@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import math
-from json import JSONDecodeError
 import os
 import time
 from typing import Any, Callable
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
-from dcgan_jax import parallel, paths, step as step_lib
+from dcgan_jax import parallel, paths, prepared, step as step_lib
 from dcgan_jax import workdir as workdir_lib
 
 
@@ -239,8 +238,8 @@ def position_advice(workdir: str) -> str:
 def restore_position(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
     """Rewinds `data_iterator` to the position saved with `step`.
 
-    Raises DataPositionError if the position does not fit the data (the iterator says so
-    with a ValueError of its own), CheckpointError if it cannot be read.
+    Raises DataPositionError if the position does not fit the data (prepared data's
+    iterator says so), CheckpointError if it cannot be read.
     """
     path = os.path.join(manager.directory, str(step))
     try:
@@ -248,9 +247,9 @@ def restore_position(manager: ocp.CheckpointManager, step: int, data_iterator: A
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as error:
         cause = error
-        while cause is not None and not isinstance(cause, ValueError):
+        while cause is not None and not isinstance(cause, prepared.PreparedDataError):
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ValueError) and not isinstance(cause, JSONDecodeError):
+        if cause is not None:
             reason = _cause(cause).split("; train in a new workdir")[0]
             raise DataPositionError(f"checkpoint {path}: {reason}") from None
         raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None

@@ -16,6 +16,7 @@ instead of stopping the run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+from multiprocessing import resource_tracker
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -31,7 +33,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from dcgan_jax import paths, prepared
+from dcgan_jax import paths, prepared, signals
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = "~/.cache/dcgan_jax"
@@ -376,12 +378,6 @@ def steps_per_epoch(config: Any, source: Sequence[Any], process_count: int) -> i
     return local // needed
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Ctrl-C reaches the workers too; the training process alone decides how to stop."""
-    del worker_index, worker_count
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def worker_count(config: Any) -> int:
     """config.data.num_workers, -1 meaning every core of the host."""
     return (os.cpu_count() or 1) if config.data.num_workers < 0 else config.data.num_workers
@@ -393,7 +389,8 @@ def _in_workers(ds: grain.IterDataset, workers: int, buffer: int) -> grain.IterD
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (API callers)
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=buffer), worker_init_fn=_ignore_interrupts)
+        num_workers=workers, per_worker_buffer_size=buffer),
+        worker_init_fn=signals.ignore_interrupts_in_worker)
 
 
 # grain's default read-ahead checks a 500-slot buffer for every record.
@@ -420,6 +417,62 @@ class _DecodeChunk:
 _PICKLED_OUTPUTS = grain.experimental.DatasetOptions(min_shm_size=1 << 62)
 
 
+def _in_blocked_thread(call: Callable[[], Any]) -> Any:
+    """call() in a thread that blocks SIGINT and SIGTERM, while this one still answers them.
+
+    Grain spawns its worker processes lazily, from threads it makes when the iterator is
+    made and first read: made in this thread, they and the workers inherit both signals
+    blocked until each worker is ready for them (signals.ignore_interrupts_in_worker). A
+    Ctrl-C reaching a starting worker would print its traceback, and a worker killed
+    before it read its task leaves the thread that spawned it writing to it forever.
+    """
+    # Started in the blocked thread, the resource tracker would unblock both signals there.
+    resource_tracker.ensure_running()
+    with concurrent.futures.ThreadPoolExecutor(1) as starter:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)
+        try:
+            future = starter.submit(call)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return future.result()
+
+
+class WorkerIterator:
+    """An iterator of a dataset run in grain's worker processes, whose workers start
+    signal-safely (`_in_blocked_thread`); its position travels as JSON bytes, the form
+    grain's orbax handler stores for iterators of its own kind."""
+
+    def __init__(self, ds: grain.IterDataset):
+        self._iterator = _in_blocked_thread(lambda: iter(ds))
+        self._started = False
+
+    def __iter__(self) -> WorkerIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._started:
+            return next(self._iterator)
+        self._started = True
+        return _in_blocked_thread(lambda: next(self._iterator))
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        _in_blocked_thread(lambda: self._iterator.set_state(json.loads(state)))
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; reading starts it."""
+
+    def close(self) -> None:
+        self._iterator.close()
+
+
+def iterate(ds: grain.IterDataset, workers: int, buffer: int) -> Iterator[Any]:
+    """An iterator of `ds`, run in `workers` processes (none: in this one)."""
+    return WorkerIterator(_in_workers(ds, workers, buffer)) if workers else iter(ds)
+
+
 def decoded_chunks(config: Any, records: Sequence[Any],
                    workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(images, unreadable paths) of consecutive chunks of `records`, in order, decoded by
@@ -428,14 +481,15 @@ def decoded_chunks(config: Any, records: Sequence[Any],
     ds = (grain.MapDataset.range(-(-len(records) // size))
           .map(_DecodeChunk(records, loader_from_config(config), size))
           .to_iter_dataset(READ_OPTIONS))
-    ds = grain.experimental.WithOptionsIterDataset(ds, _PICKLED_OUTPUTS)
-    iterator = iter(_in_workers(ds, workers, buffer=2))
+    iterator = iterate(grain.experimental.WithOptionsIterDataset(ds, _PICKLED_OUTPUTS),
+                       workers, buffer=2)
     try:
         for chunk in iterator:
             bad = chunk["unreadable"] != ""
             yield chunk["image"][~bad], [str(p) for p in chunk["unreadable"][bad]]
     finally:
-        iterator.close()
+        if isinstance(iterator, WorkerIterator):
+            iterator.close()
 
 
 def prepared_folder(config: Any, shard_: prepared.Shard) -> str:
@@ -496,7 +550,7 @@ def make_pipeline(config: Any, source: Sequence[Any], process_index: int,
           .map(loader_from_config(config))
           .to_iter_dataset(READ_OPTIONS))
     ds = SkipUnreadable(ds).batch(batch_size, drop_remainder=True)
-    return iter(_in_workers(ds, worker_count(config), config.data.prefetch))
+    return iterate(ds, worker_count(config), config.data.prefetch)
 
 
 class Position:
@@ -570,5 +624,10 @@ def evaluation_batches(config: Any, source: Sequence[Any], count: int,
           .map(loader_from_config(config))
           .to_iter_dataset(READ_OPTIONS))
     ds = SkipUnreadable(ds).batch(batch_size, drop_remainder=False)
-    for batch in _in_workers(ds, worker_count(config), config.data.prefetch):
-        yield batch["image"]
+    iterator = iterate(ds, worker_count(config), config.data.prefetch)
+    try:
+        for batch in iterator:
+            yield batch["image"]
+    finally:
+        if isinstance(iterator, WorkerIterator):
+            iterator.close()

@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
+    from dcgan_jax import signals
+    signals.exit_on_stop_signals("dcgan_jax.prepare")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402

@@ -9,11 +9,12 @@ once, at the training resolution, channels and crop, into
     CACHE/prepared/NAME-KEY/meta.json    shape, source fingerprint, unreadable files
 
 KEY names what the images are (dataset, resolution, channels, crop, shard); meta.json's
-fingerprint names the source's content (folders: every file's path, size and mtime; tfds:
-name, version, split and size). A changed source is noticed and prepared again. A folder
-appears under its final name only once complete (written aside, then renamed), and its
-size is checked on every open, so an interrupted or truncated preparation is never read as
-images.
+fingerprint names the source's content (folders: every file's path, size, mtime and ctime;
+tfds: name, version, split and size). A changed source is noticed and prepared again. A
+folder appears under its final name only once complete (written aside as
+NAME-KEY.partial-HOST-PID, then renamed), and its size is checked on every open, so an
+interrupted or truncated preparation is never read as images; what a killed process left
+aside is removed by the next one on its host.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ class Shard:
 
 
 def source_fingerprint(dataset: str, source: Sequence[Any]) -> str:
-    """A digest that changes whenever the images behind `source` may have changed."""
+    """A digest that changes whenever the images behind `source` may have changed. A file
+    rewritten in place with its old mtime put back still has a new ctime."""
     digest = hashlib.sha256(dataset.encode())
     if len(source) and isinstance(source[0], str):  # image files
         for path in source:
             info = os.stat(path)
-            digest.update(f"{path}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\n"
+                          .encode())
     elif isinstance(source, np.ndarray):  # the demo digits
         digest.update(f"{source.shape}{source.dtype}".encode())
         digest.update(hashlib.sha256(source.tobytes()).digest())
@@ -139,7 +142,7 @@ def _write(path: str, chunks: Any, total: int, image_shape: tuple[int, ...],
     """Writes the folder aside, then renames it into place."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    partial = f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
+    partial = f"{path}.partial-{_owner()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     written, unreadable = 0, []
@@ -180,7 +183,7 @@ def _replace_folder(partial: str, path: str) -> None:
     """
     stale = None
     if os.path.exists(path):
-        stale = f"{path}.stale-{os.getpid()}"
+        stale = f"{path}.stale-{_owner()}"
         os.replace(path, stale)
     try:
         os.replace(partial, path)
@@ -190,6 +193,40 @@ def _replace_folder(partial: str, path: str) -> None:
         shutil.rmtree(partial, ignore_errors=True)
     if stale:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _owner() -> str:
+    """HOST-PID, the suffix of the folders this process writes aside."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process; not a process id
+        return False
+    return False
+
+
+def remove_abandoned(folder: str, say: Callable[[str], None]) -> None:
+    """Removes the NAME.partial-HOST-PID and NAME.stale-HOST-PID folders in `folder` that a
+    process of this host left when it was killed. Another host's are kept: its processes
+    cannot be seen from here."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # none yet, or unreadable: writing there reports it
+        return
+    host = socket.gethostname()
+    for name in sorted(names):
+        match = re.fullmatch(r".+-[0-9a-f]{12}\.(?:partial|stale)-(.+)-(\d+)", name)
+        if not match or match[1] != host or not _process_is_gone(int(match[2])):
+            continue
+        abandoned = os.path.join(folder, name)
+        shutil.rmtree(abandoned, ignore_errors=True)
+        if not os.path.exists(abandoned):
+            say(f"Removed {abandoned}, left by process {match[2]} that is gone")
 
 
 def prepare(path: str, records: Sequence[Any], decode_chunks: Callable[..., Any],
@@ -206,7 +243,9 @@ def find_or_prepare(path: str, records: Sequence[Any], fingerprint: str,
                     image_shape: tuple[int, ...], say: Callable[[str], None],
                     progress: bool = False) -> PreparedImages:
     """The prepared folder at `path` if it is complete and of the current source; otherwise
-    prepares it again, saying why in one line (with a progress bar when `progress`)."""
+    prepares it again, saying why in one line (with a progress bar when `progress` and
+    stderr is a terminal). Folders left aside by killed processes are removed first."""
+    remove_abandoned(os.path.dirname(path), say)
     reason = "not prepared yet"
     if os.path.exists(path):
         try:
@@ -220,11 +259,15 @@ def find_or_prepare(path: str, records: Sequence[Any], fingerprint: str,
             reason = str(error)
     say(f"Preparing {len(records):,} records into {path} ({reason})")
     start = time.perf_counter()
-    bar = tqdm.tqdm(total=len(records), unit="img", desc="preparing", disable=not progress)
-    with bar:
-        prepared = prepare(path, records, decode_chunks,
-                           {**meta, "fingerprint": fingerprint, "format": FORMAT_VERSION},
-                           image_shape, bar.update)
+    with tqdm.tqdm(total=len(records), unit="img", desc="preparing",
+                   disable=None if progress else True) as bar:
+        try:
+            prepared = prepare(path, records, decode_chunks,
+                               {**meta, "fingerprint": fingerprint, "format": FORMAT_VERSION},
+                               image_shape, bar.update)
+        except (KeyboardInterrupt, SystemExit):
+            bar.disable = True  # not drawn again below the line that says why it stopped
+            raise
     size = prepared.images.size
     say(f"Prepared {len(prepared.images):,} images ({size / 2**20:,.1f} MiB) in "
         f"{time.perf_counter() - start:.1f} s")

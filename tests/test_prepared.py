@@ -2,6 +2,8 @@
 
 import errno
 import os
+import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +149,39 @@ def test_flips_are_deterministic_and_about_half():
     assert 0.45 < mirrored.mean() < 0.55
     assert not np.array_equal(flipped, other_step)
     np.testing.assert_array_equal(flipped[mirrored], images[mirrored][:, :, ::-1])
+
+
+def test_a_file_rewritten_in_place_with_its_old_mtime_changes_the_fingerprint(folder_config):
+    source = data.open_source(folder_config.dataset)
+    before = prepared.source_fingerprint(folder_config.dataset, source)
+    path = source[0]
+    info = os.stat(path)
+    content = open(path, "rb").read()
+    with open(path, "r+b") as f:
+        f.write(bytes(255 - b for b in content[:64]))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
+    assert prepared.source_fingerprint(folder_config.dataset, source) != before
+
+
+def test_folders_left_by_gone_processes_of_this_host_are_removed(folder_config):
+    """A killed preparation leaves its NAME.partial-HOST-PID folder (or NAME.stale-HOST-PID,
+    the folder it was replacing): the next start removes those of processes that are gone,
+    and keeps those of live processes and of other hosts, whose processes it cannot see."""
+    target = data.prepared_folder(folder_config, prepared.Shard())
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    host = socket.gethostname()
+    gone = [f"{target}.partial-{host}-{finished.pid}", f"{target}.stale-{host}-{finished.pid}"]
+    kept = [f"{target}.partial-{host}-{os.getppid()}",  # alive: it started this test
+            f"{target}.partial-another-host-{finished.pid}"]
+    for folder in gone + kept:
+        os.makedirs(os.path.join(folder, "inside"))
+    lines = []
+    images = prepare(folder_config, lines)
+    assert lines[:2] == [f"Removed {folder}, left by process {finished.pid} that is gone"
+                         for folder in sorted(gone)]
+    assert lines[2].startswith("Preparing 21 records")
+    assert sorted(os.listdir(os.path.dirname(target))) == sorted(
+        os.path.basename(folder) for folder in [images.path, *kept])

@@ -4,6 +4,7 @@ or given. Fast and offline: the files are written here, without PyTorch."""
 
 import builtins
 import collections
+import errno
 import io
 import os
 import pickle
@@ -271,3 +272,51 @@ def test_mirror_with_pytorch_fids_file_is_converted_once(tmp_path, monkeypatch):
     os.remove(served)  # a second call must not fetch
     assert weights.locate("", str(cache)) == path
     np.testing.assert_array_equal(weights.read_state_dict(path)["tail"], [4, 5])
+
+
+def test_an_unreadable_cached_conversion_is_moved_aside_and_fetched_again(
+        tmp_path, monkeypatch, capsys):
+    """Written by us, it would otherwise fail every run until someone deletes it."""
+    served = write_legacy(tmp_path / "served.pth", valid_state())
+    monkeypatch.setattr(weights, "WEIGHTS_SHA256", weights.file_digest(served))
+    monkeypatch.setenv(weights.URL_VARIABLE, (tmp_path / "served.pth").as_uri())
+    cache = tmp_path / "cache"
+    converted = cache / f"{weights.WEIGHTS_NAME}.npz"
+    weights.save_npz(weights.read_state_dict(served), str(converted))
+    good = converted.read_bytes()
+    converted.write_bytes(good[:len(good) // 2])  # truncated
+
+    assert weights.locate("", str(cache)) == str(converted)
+    moved, fetching = capsys.readouterr().out.splitlines()
+    bad = [name for name in os.listdir(cache) if ".bad-" in name]
+    assert len(bad) == 1 and (cache / bad[0]).read_bytes() == good[:len(good) // 2]
+    assert moved.startswith(f"FID weights file {converted} cannot be read (")
+    assert moved.endswith(f"; moved it to {cache / bad[0]}")
+    assert fetching.startswith("Fetching the FID weights from ")
+    np.testing.assert_array_equal(weights.read_state_dict(str(converted))["tail"], [4, 5])
+
+    converted.write_bytes(b"not a zip file")  # offline now: moved aside all the same
+    monkeypatch.setenv(weights.URL_VARIABLE, (tmp_path / "absent.pth").as_uri())
+    one_line(lambda: weights.locate("", str(cache)), "cannot be fetched", "--fid_weights=PATH")
+    assert not converted.exists()
+
+
+def test_a_given_unreadable_file_is_named_and_left_alone(tmp_path):
+    given = tmp_path / f"{weights.WEIGHTS_NAME}.npz"
+    given.write_bytes(b"not a zip file")
+    assert weights.locate(str(given), str(tmp_path), allow_unknown=True) == str(given)
+    one_line(lambda: weights.read_state_dict(str(given)), f"FID weights file {given} cannot "
+             f"be read", f"fetch it again from {weights.WEIGHTS_URL}")
+    assert os.listdir(tmp_path) == [given.name]
+
+
+def test_a_cached_conversion_that_cannot_be_moved_aside_is_named(tmp_path, monkeypatch):
+    converted = tmp_path / f"{weights.WEIGHTS_NAME}.npz"
+    converted.write_bytes(b"not a zip file")
+
+    def read_only(source, target):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(weights.paths, "move", read_only)
+    one_line(lambda: weights.locate("", str(tmp_path)), f"FID weights file {converted} "
+             f"cannot be read, nor moved aside (Read-only file system); remove it")

@@ -9,7 +9,8 @@ and it bounds every tensor by its storage and every storage by the file.
 Every file is checked against the SHA-256 of pytorch-fid's file: a fetched one always, a
 given one unless `allow_unknown` says to accept other weights (whose FID is then not
 comparable with published values). A fetched file is converted once to `.npz` in the cache;
-that conversion, written only after the check passed, is trusted.
+that conversion, written only after the check passed, is trusted. Should it become unreadable,
+it is moved aside (NAME.npz.bad-TIME) and fetched again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import pickle
 import tempfile
+import time
 import urllib.request
 import zipfile
 from typing import Any, BinaryIO
@@ -226,8 +228,10 @@ def _is_zip(f: BinaryIO) -> bool:
     return head == b"PK\x03\x04"
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict (.pth) or its .npz conversion as name -> numpy array."""
+def read_state_dict(path: str, advice: str = f"fetch it again from {WEIGHTS_URL}"
+                    ) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (.pth) or its .npz conversion as name -> numpy array; `advice`
+    ends the error of a file that cannot be read."""
     if not paths.is_file(path):
         raise WeightsError(f"FID weights file {path} does not exist")
     try:
@@ -246,7 +250,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except Exception as error:  # truncated or crafted files raise many types
         reason = (str(error).splitlines() or [""])[0]
         raise WeightsError(f"FID weights file {path} cannot be read ({type(error).__name__}: "
-                           f"{reason}); fetch it again from {WEIGHTS_URL}") from None
+                           f"{reason}); {advice}") from None
 
 
 def save_npz(state_dict: dict[str, np.ndarray], path: str) -> None:
@@ -360,13 +364,27 @@ def _fetch(url: str, cache_dir: str, converted: str) -> None:
 def locate(path: str, cache_dir: str, allow_unknown: bool = False) -> str:
     """The weights file to read, checked: `path` when given (another than pytorch-fid's only
     with `allow_unknown`); else the conversion in `cache_dir`, fetched, checked and converted
-    on first use whatever `allow_unknown` says, so that the cache holds pytorch-fid's only."""
+    on first use whatever `allow_unknown` says, so that the cache holds pytorch-fid's only.
+    A conversion that cannot be read is moved aside, not left to fail every run, and
+    fetched again."""
     if path:
         check(path, allow_unknown)
         return path
     converted = os.path.join(cache_dir, WEIGHTS_NAME + ".npz")
-    if not paths.is_file(converted):
-        url = os.environ.get(URL_VARIABLE) or WEIGHTS_URL
-        print(f"Fetching the FID weights from {url} into {cache_dir}", flush=True)
-        _fetch(url, cache_dir, converted)
+    if paths.is_file(converted):
+        aside = f"{converted}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            read_state_dict(converted, advice=f"moved it to {aside}")
+            return converted
+        except WeightsError as error:
+            try:
+                paths.move(converted, aside)
+            except OSError as move_error:
+                raise WeightsError(f"FID weights file {converted} cannot be read, nor moved "
+                                   f"aside ({move_error.strerror or move_error}); remove it, "
+                                   f"and it will be fetched again") from None
+            print(error, flush=True)
+    url = os.environ.get(URL_VARIABLE) or WEIGHTS_URL
+    print(f"Fetching the FID weights from {url} into {cache_dir}", flush=True)
+    _fetch(url, cache_dir, converted)
     return converted
