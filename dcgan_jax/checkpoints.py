@@ -7,6 +7,7 @@ only once complete, so a crash mid-save never damages the checkpoints already th
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import time
@@ -130,10 +131,11 @@ class IncompatibleCheckpointError(CheckpointError):
 
 def saved_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints in the workdir, as orbax judges them (in a
-    bucket, a step folder is complete once it holds its commit marker)."""
+    bucket, a step folder is complete once it holds its commit marker). No manager is
+    opened: that is a collective of every host, and some callers are process 0 alone."""
     if not paths.exists(checkpoint_dir(workdir)):
         return []
-    return sorted(make_manager(workdir, read_only=True).all_steps())
+    return sorted(ocp.path.step.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def stale_temporaries(workdir: str) -> list[str]:
@@ -147,16 +149,23 @@ def stale_temporaries(workdir: str) -> list[str]:
             if TMP_SUFFIX in name or (name.isdigit() and name not in complete)]
 
 
+# Where orbax's JSON handler keeps the item `dataset` of a checkpoint, and a bound on it.
+DATASET_FILE = os.path.join("dataset", "metadata")
+MAX_DATASET_BYTES = 1 << 16
+
+
 def saved_dataset(workdir: str, step: int) -> dict[str, Any] | None:
     """The identity of the records the data position of checkpoint `step` is over; None
     for checkpoints saved before it was recorded, or if it cannot be read (the restore of
-    the position then judges)."""
+    the position then judges). Read as a file: no manager, no collective."""
+    path = os.path.join(checkpoint_dir(workdir), str(step), DATASET_FILE)
     try:
-        restored = make_manager(workdir, read_only=True).restore(
-            step, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))
-    except Exception:  # absent or unreadable: orbax raises many types
+        if not paths.is_file(path) or paths.signature(path)[0] > MAX_DATASET_BYTES:
+            return None
+        record = json.loads(paths.read_text(path))
+    except (OSError, ValueError):
         return None
-    return restored["dataset"] if isinstance(restored["dataset"], dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -178,6 +187,9 @@ def _check_fits(path: str, abstract_state: step_lib.GANState) -> None:
         raise CheckpointError(f"checkpoint {path} cannot be read: {_cause(error)}") from None
     finally:
         checkpointer.close()
+    if not saved:
+        raise CheckpointError(f"checkpoint {path} cannot be read: its metadata lists no "
+                              f"arrays")
     wanted = _leaf_shapes(abstract_state)
     if saved == wanted:
         return
