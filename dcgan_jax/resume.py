@@ -68,11 +68,11 @@ def _is_on(ema_decay: Any) -> bool:
     return isinstance(ema_decay, (int, float)) and ema_decay > 0
 
 
-def _check_init_from(config: Any, workdir: str) -> str:
-    """config.init_from, checked before a fresh start moves anything: it must be a run
-    with checkpoints, and not the workdir itself, whose files a fresh start moves."""
+def _check_init_from(config: Any, workdir: str) -> None:
+    """Checks config.init_from before a fresh start moves anything: it must be a run with
+    checkpoints, and not the workdir itself, whose files a fresh start moves."""
     if not config.init_from:
-        return ""
+        return
     if paths.absolute(config.init_from) == paths.absolute(workdir):
         raise checkpoints.CheckpointError(
             f"config.init_from={config.init_from!r} is the workdir itself, whose files "
@@ -82,7 +82,6 @@ def _check_init_from(config: Any, workdir: str) -> str:
     if not checkpoints.saved_steps(config.init_from):
         raise checkpoints.CheckpointError(
             f"config.init_from={config.init_from!r} holds no complete checkpoint")
-    return config.init_from
 
 
 def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
