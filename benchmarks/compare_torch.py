@@ -54,6 +54,7 @@ flax, optax, absl and torch are needed: no ml_collections, clu, grain or TensorF
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -67,8 +68,20 @@ from torch import nn
 
 from dcgan_jax import cli
 from dcgan_jax.models import num_blocks
-from jax_step import (BETAS, CHANNELS, LR, NDF, NGF, NZ, SEED, compiled_step,
-                      cpu_description, jax_config, run_steps)
+
+from jax_step import (
+    BETAS,
+    CHANNELS,
+    LR,
+    NDF,
+    NGF,
+    NZ,
+    SEED,
+    compiled_step,
+    cpu_description,
+    jax_config,
+    run_steps,
+)
 
 flags.DEFINE_list("resolutions", ["64", "128"], "Resolutions to time.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -269,7 +282,7 @@ def compare(resolution: int, device: torch.device) -> dict[str, float]:
     blocks = {"torch": torch_block, "jax": jax_block}
     for i in range(FLAGS.repeats):
         for side in (("torch", "jax") if i % 2 == 0 else ("jax", "torch")):
-            rates[side].append(steps * b / timed(lambda: blocks[side](steps)))
+            rates[side].append(steps * b / timed(functools.partial(blocks[side], steps)))
         print(f"  {resolution}x{resolution} round {i + 1}/{FLAGS.repeats}: torch "
               f"{rates['torch'][-1]:.1f} images/s, JAX {rates['jax'][-1]:.1f} images/s "
               f"(load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -290,6 +303,7 @@ def xla_gflops(row: dict[str, float], device: torch.device) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.set_up_process()
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     if FLAGS.device == "cuda":
         # Both frameworks share the GPU: JAX would otherwise take 75% of it up front.

@@ -34,9 +34,11 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from dcgan_jax import cli, data, parallel, prepared, train
+from dcgan_jax import config as config_lib
+from dcgan_jax import step as step_lib
+
 from jax_step import cpu_description
-from dcgan_jax import cli, config as config_lib, data, parallel, prepared, step as step_lib
-from dcgan_jax import train
 
 flags.DEFINE_list("resolutions", ["64"], "Model resolutions.")
 flags.DEFINE_integer("images", 2000, "JPEG files in the folder.")
@@ -86,7 +88,7 @@ def bare_step(config, steps: int) -> float:
     r, c, b = config.model.resolution, config.model.channels, config.train.batch_size
     local = np.random.default_rng(0).integers(0, 256, (config.train.d_steps, b, r, r, c),
                                               dtype=np.uint8)
-    real = parallel.global_batch(local, mesh, batch_axis=1)
+    real = parallel.global_batch({"image": local}, mesh, batch_axis=1)
     compiled = step_lib.make_train_step(config, mesh).lower(state, real).compile()
     state, metrics = compiled(state, real)
     jax.block_until_ready(metrics)
@@ -140,7 +142,7 @@ def loop_config(config, steps: int, keep_intervals: bool = False):
 def bare_and_loop(config, root: str, steps: int, keep_intervals: bool = False):
     """Median images/s of the bare step and of the loop, timed alternately."""
     bare, loop = [], []
-    for repeat in range(FLAGS.repeats):
+    for _ in range(FLAGS.repeats):
         bare.append(bare_step(config, steps - 1))
         workdir = os.path.join(root, f"run{len(os.listdir(root))}")
         loop.append(training_loop(loop_config(config, steps, keep_intervals), workdir))
@@ -150,6 +152,7 @@ def bare_and_loop(config, root: str, steps: int, keep_intervals: bool = False):
 
 def main(argv):
     del argv
+    cli.set_up_process()
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     cpus = os.cpu_count()
     print(f"host: {cpu_description()}")

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dcgan_jax import host_cpu, parallel, step as step_lib
+from dcgan_jax import host_cpu, parallel
+from dcgan_jax import step as step_lib
 
 NZ, NGF, NDF, CHANNELS = 100, 64, 64, 3
 LR, BETAS = 2e-4, (0.5, 0.999)
@@ -25,11 +26,14 @@ def cpu_description() -> str:
     return host_cpu.description()
 
 
-def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleNamespace:
-    """The fields of `dcgan_jax.config.get_default_config()` that the train step reads."""
-    model = types.SimpleNamespace(resolution=resolution, channels=CHANNELS, nz=NZ, ngf=NGF,
-                                  ndf=NDF, msg=False, msg_combine="simple",
-                                  leaky_slope=0.2, d_norm="batch")
+def jax_config(resolution: int, batch_size: int, dtype: str, num_classes: int = 0,
+               msg: bool = False) -> types.SimpleNamespace:
+    """The fields of `dcgan_jax.config.get_default_config()` that the train step reads; with
+    `num_classes`, the conditional DCGAN of the defaults (cbn G, projection D)."""
+    model = types.SimpleNamespace(family="dcgan", resolution=resolution, channels=CHANNELS,
+                                  nz=NZ, ngf=NGF, ndf=NDF, msg=msg, msg_combine="simple",
+                                  leaky_slope=0.2, d_norm="batch", num_classes=num_classes,
+                                  g_cond="cbn", d_cond="projection")
     train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
                                   beta2=BETAS[1], lr_decay=False, d_steps=1, loss="ns",
                                   label_smoothing=0.0, gradient_penalty="none", gp_weight=10.0,
@@ -38,25 +42,30 @@ def jax_config(resolution: int, batch_size: int, dtype: str) -> types.SimpleName
     return types.SimpleNamespace(seed=SEED, dtype=dtype, model=model, train=train, data=data)
 
 
-def compiled_step(config: types.SimpleNamespace) -> tuple[Any, step_lib.GANState, jax.Array,
-                                                          float]:
+def compiled_step(config: types.SimpleNamespace) -> tuple[Any, step_lib.GANState,
+                                                          step_lib.Batch, float]:
     """The step compiled ahead of time on all devices, a fresh state, a batch of random uint8
-    images already on the devices, and the compile time in seconds."""
+    images (and labels, for a conditional model) already on the devices, and the compile
+    time in seconds."""
     r, b = config.model.resolution, config.train.batch_size
     mesh = parallel.make_mesh()
     state = step_lib.create_train_state(config, mesh, total_steps=1)
-    local = np.random.default_rng(SEED).integers(
-        0, 256, (1, b // jax.process_count(), r, r, CHANNELS), dtype=np.uint8)
-    real = parallel.global_batch(local, mesh, batch_axis=1)
+    rng = np.random.default_rng(SEED)
+    local = {"image": rng.integers(0, 256, (1, b // jax.process_count(), r, r, CHANNELS),
+                                   dtype=np.uint8)}
+    if config.model.num_classes:
+        local["label"] = rng.integers(0, config.model.num_classes,
+                                      (1, b // jax.process_count()), dtype=np.int32)
+    batch = parallel.global_batch(local, mesh, batch_axis=1)
     start = time.perf_counter()
-    compiled = step_lib.make_train_step(config, mesh).lower(state, real).compile()
-    return compiled, state, real, time.perf_counter() - start
+    compiled = step_lib.make_train_step(config, mesh).lower(state, batch).compile()
+    return compiled, state, batch, time.perf_counter() - start
 
 
-def run_steps(compiled: Any, state: step_lib.GANState, real: jax.Array,
+def run_steps(compiled: Any, state: step_lib.GANState, batch: step_lib.Batch,
               steps: int) -> step_lib.GANState:
     """`steps` steps on the same batch; the host waits for the devices only at the end."""
     for _ in range(steps):
-        state, metrics = compiled(state, real)
+        state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     return state

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from absl import app, flags
 
-from dcgan_jax import cli, strided_conv as sc
+from dcgan_jax import cli
+from dcgan_jax import strided_conv as sc
 from dcgan_jax.models import num_blocks
+
 from jax_step import NDF, cpu_description
 
 flags.DEFINE_integer("resolution", 64, "Model resolution whose layer shapes are timed.")
@@ -57,21 +59,23 @@ def layer_shapes(resolution: int) -> list[tuple[int, int, int]]:
             for i in range(num_blocks(resolution))]
 
 
-def jax_forms() -> dict[str, dict[str, Callable[..., jax.Array]]]:
+def jax_forms(host: sc.CpuForms) -> dict[str, dict[str, Callable[..., jax.Array]]]:
+    """Every form of each operation, in this host's chunks; `picked` as the layers run it."""
     picked_kernel_grad = lambda x, g, k: jax.vjp(  # noqa: E731
-        lambda k: sc.downsample_conv(x, k), k)[1](g)[0]
+        lambda k: sc.downsample_conv(x, k, host), k)[1](g)[0]
+    matmuls = functools.partial(sc.kernel_grad_by_matmuls, forms=host)
     return {
-        "fwd": {"picked": sc.downsample_conv, "direct": sc.direct_conv,
-                "space-to-depth": sc.space_to_depth_conv, "patches": sc.conv_by_patches},
-        "adjoint": {"picked": sc.upsample_conv, "input-dilated": sc.conv_transpose_input_dilated,
+        "fwd": {"picked": lambda x, k: sc.downsample_conv(x, k, host),
+                "direct": sc.direct_conv, "space-to-depth": sc.space_to_depth_conv,
+                "patches": functools.partial(sc.conv_by_patches, forms=host)},
+        "adjoint": {"picked": lambda x, k: sc.upsample_conv(x, k, host),
+                    "input-dilated": sc.conv_transpose_input_dilated,
                     "space-to-depth": sc.conv_transpose_by_space_to_depth,
                     "patches": sc.conv_transpose_by_patches},
         "kernel grad": {"picked": picked_kernel_grad,
                         "convolution": sc.kernel_grad_by_convolution,
-                        "matmuls [16C, out]": functools.partial(sc.kernel_grad_by_matmuls,
-                                                                wide_minor=False),
-                        "matmuls [out, 16C]": functools.partial(sc.kernel_grad_by_matmuls,
-                                                                wide_minor=True)},
+                        "matmuls [16C, out]": functools.partial(matmuls, wide_minor=False),
+                        "matmuls [out, 16C]": functools.partial(matmuls, wide_minor=True)},
     }
 
 
@@ -85,7 +89,7 @@ def time_layer(side: int, c_in: int, c_out: int, batch: int,
     jx, jk, jg = map(jnp.asarray, (x, kernel, grad_y))
     args = {"fwd": (jx, jk), "adjoint": (jg, jk), "kernel grad": (jx, jg, jk)}
     runs: dict[tuple[str, str], Callable[[], object]] = {}
-    for op, forms in jax_forms().items():
+    for op, forms in jax_forms(sc.CpuForms.of_host()).items():
         for name, form in forms.items():
             compiled = jax.jit(form).lower(*args[op]).compile()
             runs[(op, name)] = (lambda c=compiled, a=args[op]: jax.block_until_ready(c(*a)))
@@ -125,13 +129,15 @@ def check_agreement(runs: dict[tuple[str, str], Callable[[], object]]) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.set_up_process()
     cli.quiet_logs()
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
+    host = sc.CpuForms.of_host()
     print(f"host: {cpu_description()}; jax {jax.__version__}, torch {torch.__version__} "
           f"(threads={torch.get_num_threads()}); kernel gradients "
-          f"{'[out, 16C] where wider' if sc.KERNEL_GRAD_WIDE_MINOR else '[16C, out]'} in "
-          f"{sc.KERNEL_GRAD_CHUNK_BYTES >> 20} MB chunks; batch {FLAGS.batch_size}, "
+          f"{'[out, 16C] where wider' if host.kernel_grad_wide_minor else '[16C, out]'} in "
+          f"{host.kernel_grad_chunk_bytes >> 20} MB chunks; batch {FLAGS.batch_size}, "
           f"best of {FLAGS.repeats}, ms")
     weighted = {"picked": 0.0, "fastest": 0.0, "torch": 0.0}
     print("\n| layer | operation | form | ms | / torch |\n|---|---|---|---:|---:|")

@@ -24,6 +24,7 @@ import jax
 from absl import app, flags
 
 from dcgan_jax import cli
+
 from jax_step import compiled_step, jax_config, run_steps
 
 flags.DEFINE_integer("resolution", 64, "Image resolution.")
@@ -100,6 +101,7 @@ def category(info: dict[str, str]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.set_up_process()
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     r, b = FLAGS.resolution, FLAGS.batch_size
     compiled, state, real, compile_s = compiled_step(jax_config(r, b, FLAGS.dtype))

@@ -16,8 +16,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from dcgan_jax import cli, parallel
+from dcgan_jax import config as config_lib
+from dcgan_jax import step as step_lib
+
 from jax_step import cpu_description
-from dcgan_jax import cli, config as config_lib, parallel, step as step_lib
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Base config file.")
 flags.DEFINE_list("resolutions", ["64", "128"], "Resolutions to time.")
@@ -36,7 +39,7 @@ def time_step(config, steps: int) -> dict[str, float]:
     r, c, b = config.model.resolution, config.model.channels, config.train.batch_size
     local = np.random.default_rng(0).integers(
         0, 256, (config.train.d_steps, b // jax.process_count(), r, r, c), dtype=np.uint8)
-    real = parallel.global_batch(local, mesh, batch_axis=1)
+    real = parallel.global_batch({"image": local}, mesh, batch_axis=1)
     start = time.perf_counter()
     state, metrics = train_step(state, real)
     jax.block_until_ready(metrics)
@@ -52,6 +55,7 @@ def time_step(config, steps: int) -> dict[str, float]:
 
 def main(argv):
     del argv
+    cli.set_up_process()
     cli.quiet_logs()  # no library INFO lines (a missing libtpu, orbax saves)
     print(f"host: {cpu_description()}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dcgan_jax import config as config_lib
-from dcgan_jax import parallel, paths, prepared, step as step_lib
+from dcgan_jax import parallel, paths, prepared
+from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.errors import UserFacingError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserFacingError, ValueError):
     """A checkpoint that was asked for is missing, cannot be read or cannot be written."""
 
 
@@ -78,7 +80,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: step_lib.GANState,
          dataset: dict[str, Any] | None = None) -> None:
     """Saves asynchronously; `data_position` is anything with grain's `get_state()` (the
     pipeline after this step's batch), saved with `dataset`, the identity of the records
-    it is over (`data.source_identity`); `metrics` (an evaluation's FID) rank it among the
+    it is over (`data.Source.identity`); `metrics` (an evaluation's FID) rank it among the
     best."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_position is not None:
@@ -302,7 +304,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state: Any,
             say(f"Warning: {error}{later}")
             unreadable.append((step, error))
             continue
-        for bad_step, error in unreadable:
+        for bad_step, _ in unreadable:
             say(f"Moved the unreadable checkpoint of step {bad_step} to "
                 f"{_move_aside(manager, bad_step)}")
         return state, step
@@ -354,7 +356,8 @@ def load_weights(workdir: str, state: step_lib.GANState, mesh: Any) -> step_lib.
     mine = (state.g.params, state.d.params, state.g.batch_stats, state.d.batch_stats)
     theirs = (other.g.params, other.d.params, other.g.batch_stats, other.d.batch_stats)
     if jax.tree.structure(mine) != jax.tree.structure(theirs) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))):
+            a.shape != b.shape
+            for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True)):
         raise CheckpointError(f"config.init_from={workdir!r} holds networks of another "
                               f"architecture; match its config.model fields")
     ema = state.ema

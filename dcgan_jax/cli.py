@@ -1,5 +1,5 @@
-"""What every command line shares: one-line errors, config files that fail to load, and
-quiet third-party logs.
+"""What every command line shares: its process settings, one-line errors, config files that
+fail to load, and quiet third-party logs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,24 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from absl import flags, logging
+
+
+def set_up_process() -> None:
+    """The process-wide settings of the command lines, in one place: importing dcgan_jax
+    makes none. Each command line's main() calls this before any JAX computation (so do
+    tests/conftest.py and the benchmarks).
+
+    - JAX's classic threefry: the partitionable scheme, JAX's default, takes seconds per
+      random op to compile on CPUs, and the classic one gives the same numbers on any device
+      count too. The trainer's random streams (latents, labels, flips, augmentations), and so
+      a resumed run's continuation and the tests' expected numbers, are those of this
+      scheme. JAX reads the option when it traces, so arrays made before are unaffected.
+    - TensorFlow (the backend of tfds and clu, imported later) without its start-up notices.
+    """
+    import jax
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    jax.config.update("jax_threefry_partitionable", False)
 
 
 def fail(program: str, message: str) -> NoReturn:

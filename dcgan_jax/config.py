@@ -16,25 +16,29 @@ from typing import Any
 
 import ml_collections
 
-# What dcgan_jax.models and dcgan_jax.evaluation.inception can build, kept here so that the
-# schema loads without JAX (tests/test_config_files.py checks that they agree).
-MIN_RESOLUTION = 32  # models.MIN_RESOLUTION
-MAX_RESOLUTION = 256  # models.MAX_RESOLUTION
-MSG_COMBINES = ("simple", "lin_cat", "cat_lin")  # models.MSG_COMBINES
-FID_DIMS = (64, 192, 768, 2048)  # tuple(inception.BLOCK_BY_DIMS)
-D_NORMS = ("batch", "spectral", "none")  # models.D_NORMS
-# The same for dcgan_jax.losses and dcgan_jax.augment (tests/test_losses.py checks them).
-LOSSES = ("ns", "hinge", "wgan", "lsgan")  # tuple(losses.OBJECTIVES)
-LOSSES_WITH_TARGETS = ("ns", "lsgan")  # those whose Objective.has_targets
-GRADIENT_PENALTIES = ("none", "wgan_gp", "r1")  # losses.PENALTY_NAMES
-AUGMENTATIONS = ("color", "translation", "cutout")  # tuple(augment.AUGMENTATIONS)
-DTYPES = ("float32", "bfloat16")
-PREPARED_MODES = ("auto", "off")
+from dcgan_jax.errors import UserFacingError
+from dcgan_jax.names import (
+    AUGMENTATIONS,
+    D_CONDITIONINGS,
+    D_NORMS,
+    DTYPES,
+    FID_DIMS,
+    G_CONDITIONINGS,
+    GRADIENT_PENALTIES,
+    LOSSES,
+    LOSSES_WITH_TARGETS,
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    MODEL_FAMILIES,
+    MSG_COMBINES,
+    PREPARED_MODES,
+)
+
 DATASET_PATTERN = re.compile(
     r"^(demo:mnist|tfds:[\w/.-]+(:[\w\[\]:%+.-]+)?|folder:.+|kaggle:[\w.-]+/[\w.-]+)$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserFacingError, ValueError):
     """A config field holds a value dcgan_jax cannot run with."""
 
 
@@ -50,6 +54,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.init_from = ""
 
     config.model = ml_collections.ConfigDict()
+    # The networks' family (dcgan_jax.models.FAMILIES): 'dcgan' (DCGAN, optionally MSG-GAN).
+    config.model.family = "dcgan"
     config.model.resolution = 64
     config.model.channels = 3
     config.model.nz = 100
@@ -62,6 +68,17 @@ def get_default_config() -> ml_collections.ConfigDict:
     # D's normalisation: 'batch' (DCGAN's BatchNorm), 'spectral' (spectral norm of every
     # convolution, Miyato et al. 2018) or 'none'.
     config.model.d_norm = "batch"
+    # Classes of a class-conditional GAN: 0 trains an unconditional one; otherwise the number
+    # of classes of the dataset's labels.
+    config.model.num_classes = 0
+    # How G takes the class: 'concat' (a learned class embedding joined to z) or 'cbn'
+    # (class-conditional BatchNorm gains and biases, as SNGAN and BigGAN; in the demo's 2,500
+    # steps it had not yet learned the classes, which 'concat' learned within 1,000).
+    config.model.g_cond = "concat"
+    # How D takes the class: 'concat' (one-hot class maps joined to its input) or
+    # 'projection' (a class embedding's inner product with D's last features, added to its
+    # output, Miyato & Koyama 2018; with a 'concat' G it lost the digit 1 in the demo).
+    config.model.d_cond = "concat"
 
     config.data = ml_collections.ConfigDict()
     # 'center': square crop on the short side; or 'top,left,height,width' in pixels.
@@ -85,6 +102,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.data.cache_dir = ""
     # Where tfds datasets are prepared; empty means tfds's default (~/tensorflow_datasets).
     config.data.tfds_data_dir = ""
+    # The label feature of a tfds dataset (folders: one subfolder per class).
+    config.data.label_key = "label"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128
@@ -232,6 +251,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
     _require(model.channels in (1, 3), f"config.model.channels={model.channels} must be 1 or 3")
     for name in ("nz", "ngf", "ndf"):
         _require(model[name] >= 1, f"config.model.{name}={model[name]} must be at least 1")
+    _require(model.family in MODEL_FAMILIES,
+             f"config.model.family={model.family!r} must be one of {MODEL_FAMILIES}")
+    _require(model.num_classes >= 0,
+             f"config.model.num_classes={model.num_classes} must be 0 (unconditional) or more")
+    _require(model.g_cond in G_CONDITIONINGS,
+             f"config.model.g_cond={model.g_cond!r} must be one of {G_CONDITIONINGS}")
+    _require(model.d_cond in D_CONDITIONINGS,
+             f"config.model.d_cond={model.d_cond!r} must be one of {D_CONDITIONINGS}")
     _require(model.msg_combine in MSG_COMBINES,
              f"config.model.msg_combine={model.msg_combine!r} must be one of {MSG_COMBINES}")
     _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r} must be one of {DTYPES}")

@@ -1,7 +1,11 @@
 """FID and KID on demand, with pytorch-fid's InceptionV3 on the accelerator.
 
   python -m dcgan_jax.evaluate --workdir=RUN [--step=N] [--num_samples=10000] [--no_ema]
-      a checkpoint's generator against its dataset (reference statistics cached);
+      a checkpoint's generator against its dataset (reference statistics cached); a
+      class-conditional generator's samples are class-balanced;
+  python -m dcgan_jax.evaluate --workdir=RUN --per_class
+      intra-class FID of a class-conditional run: each class's samples (--num_samples split
+      evenly) against that class's dataset images, and the mean over the classes;
   python -m dcgan_jax.evaluate --real=DIR|STATS.npz --fake=DIR|STATS.npz
       two folders of images (or statistics files: pytorch-fid's --save-stats or ours);
   python -m dcgan_jax.evaluate --real=DIR --save_stats=OUT.npz
@@ -31,8 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from dcgan_jax import paths  # noqa: E402
+from dcgan_jax import cli, paths  # noqa: E402
 from dcgan_jax import workdir as workdir_lib  # noqa: E402
+from dcgan_jax.errors import UserFacingError  # noqa: E402
 from dcgan_jax.evaluation import weights  # noqa: E402
 
 if TYPE_CHECKING:
@@ -45,6 +50,9 @@ flags.DEFINE_integer("num_samples", None, "Generated images; the run's config.ev
                      "by default.")
 flags.DEFINE_integer("num_reference", None, "Dataset images of the reference statistics "
                      "(0: all); the run's config.eval value by default.")
+flags.DEFINE_bool("per_class", False, "With --workdir of a class-conditional run: the FID of "
+                  "each class against that class's dataset images, and their mean "
+                  "(intra-class FID).")
 flags.DEFINE_string("real", None, "Folder of real images, or a statistics .npz.")
 flags.DEFINE_string("fake", None, "Folder of generated images, or a statistics .npz.")
 flags.DEFINE_string("save_stats", None, "With --real only: write its statistics here.")
@@ -110,9 +118,11 @@ def _print_scores(fid: float, real_features, fake_features) -> None:
         print(f"KID: {mean:.6f} ± {std:.6f} ({subsets} subsets of {size})")
 
 
-def evaluate_run(workdir: str) -> None:
-    from dcgan_jax import checkpoints, data, parallel, step as step_lib
-    from dcgan_jax.evaluation.evaluator import Evaluator
+def evaluate_run(workdir: str, per_class: bool = False) -> None:
+    """Scores a checkpoint of `workdir`: FID and KID, or with `per_class` intra-class FID."""
+    from dcgan_jax import checkpoints, data, parallel
+    from dcgan_jax import step as step_lib
+    from dcgan_jax.evaluation.evaluator import Evaluator, IntraClassEvaluator
     from dcgan_jax.reporting import hide_gpus_from_tensorflow
     hide_gpus_from_tensorflow()
     config = checkpoints.read_run_config(workdir)
@@ -127,14 +137,21 @@ def evaluate_run(workdir: str) -> None:
     abstract = step_lib.abstract_train_state(config, mesh, total_steps=1)
     state = checkpoints.restore(checkpoints.make_manager(workdir, read_only=True), abstract,
                                 FLAGS.step)
-    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
-    evaluator = Evaluator(config, mesh, source)
+    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir,
+                              config.data.label_key)
+    evaluator = (IntraClassEvaluator if per_class else Evaluator)(config, mesh, source)
     print(evaluator.reference_line)
     start = time.perf_counter()
     use_ema = not FLAGS.no_ema
     scores = evaluator(state, use_ema)
     print(f"{workdir}, step {int(parallel.fetch(state.step))}: "
           f"{evaluator.describe(state, use_ema)} in {time.perf_counter() - start:.1f} s")
+    if per_class:
+        for label, (name, fid) in enumerate(zip(evaluator.class_names, scores, strict=True)):
+            print(f"class {label} ({name}): FID {fid:.6f}")
+        print(f"intra-class FID (mean of {len(scores)} classes): "
+              f"{sum(scores) / len(scores):.6f}")
+        return
     print(f"FID: {scores['fid']:.6f}")
     if "kid" in scores:
         print(f"KID: {scores['kid']:.6f} ± {scores['kid_std']:.6f} ({e.kid_subsets} subsets "
@@ -149,6 +166,8 @@ def _check_flags() -> str | None:
         return "give --workdir=RUN, or --real=DIR and --fake=DIR (see --help)"
     if FLAGS.real and not (FLAGS.fake or FLAGS.save_stats):
         return "--real needs --fake=DIR to compare with, or --save_stats=OUT.npz"
+    if FLAGS.per_class and not FLAGS.workdir:
+        return "--per_class scores a class-conditional run: give --workdir=RUN"
     if FLAGS.save_stats and FLAGS.fake:
         return "--save_stats writes the statistics of --real alone; drop --fake"
     if FLAGS.allow_unknown_weights and not (FLAGS.fid_weights or FLAGS.workdir):
@@ -173,11 +192,15 @@ def _check_inputs() -> str | None:
         if not paths.is_file(config_path):
             return f"{config_path} does not exist; is {FLAGS.workdir!r} a dcgan_jax workdir?"
         try:
-            saved = json.loads(paths.read_text(config_path))["eval"]
-            path = _override(path, saved.get("fid_weights", ""))
-            allow = _override(allow, saved.get("allow_unknown_weights", False))
+            saved = json.loads(paths.read_text(config_path))
+            path = _override(path, saved["eval"].get("fid_weights", ""))
+            allow = _override(allow, saved["eval"].get("allow_unknown_weights", False))
+            classes = saved.get("model", {}).get("num_classes", 0)
         except (OSError, ValueError, LookupError, TypeError, AttributeError):
             return None  # reading the run's config reports it
+        if FLAGS.per_class and not classes:
+            return (f"--per_class needs a class-conditional run, and {FLAGS.workdir}'s model "
+                    f"is unconditional (config.model.num_classes=0); drop --per_class")
     elif not _needs_network(FLAGS.real, FLAGS.fake):
         return None
     try:
@@ -195,16 +218,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
     if problem := _check_flags() or _check_inputs():
         sys.exit(f"dcgan_jax.evaluate: error: {problem}")
-    from dcgan_jax import checkpoints
-    from dcgan_jax.data import DataError
-    from dcgan_jax.evaluation import metrics
+    cli.set_up_process()
     try:
         if FLAGS.workdir:
-            evaluate_run(FLAGS.workdir)
+            evaluate_run(FLAGS.workdir, FLAGS.per_class)
         else:
             evaluate_folders(FLAGS.real, FLAGS.fake, FLAGS.save_stats)
-    except (weights.WeightsError, metrics.MetricError, checkpoints.CheckpointError,
-            DataError) as error:
+    except UserFacingError as error:
         sys.exit(f"dcgan_jax.evaluate: error: {error}")
 
 

@@ -66,3 +66,16 @@ def save_figure(figure: Any, path: str, dpi: int) -> None:
     extension names (PNG without one)."""
     with paths.atomic_write(path) as f:
         figure.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
+
+
+def sample_classes(indices: np.ndarray, num_classes: int,
+                   class_index: int | None = None) -> np.ndarray | None:
+    """The classes (int32) of a conditional generator's sample images `indices`, None for
+    an unconditional one: all `class_index`, or else class-balanced, image i of class
+    i mod num_classes (as in training's sample grids), so that any count is as even as it
+    can be and image i of a seed is one image in `sample` and in evaluation."""
+    if not num_classes:
+        return None
+    if class_index is None:
+        return (np.asarray(indices) % num_classes).astype(np.int32)
+    return np.full(np.shape(indices), class_index, np.int32)

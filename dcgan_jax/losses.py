@@ -110,7 +110,7 @@ def wgan_gp(critic: Critic, real: Pyramid, fake: Pyramid,
     """Gulrajani et al. 2017: mean (||grad D(x_hat)|| - 1)^2 at x_hat = e x + (1 - e) G(z),
     one uniform e per image, shared by the scales of a pyramid."""
     e = jax.random.uniform(key, (real[0].shape[0], 1, 1, 1))
-    between = tuple(e * r + (1.0 - e) * f for r, f in zip(real, fake))
+    between = tuple(e * r + (1.0 - e) * f for r, f in zip(real, fake, strict=True))
     squares, state = _input_gradient_squared_norms(critic, between)
     # The epsilon keeps the gradient finite where D would be flat.
     return jnp.square(jnp.sqrt(squares + 1e-12) - 1.0).mean(), state
@@ -125,6 +125,5 @@ def r1(critic: Critic, real: Pyramid, fake: Pyramid,
     return 0.5 * squares.mean(), state
 
 
+# config.train.gradient_penalty's values but 'none' (names.GRADIENT_PENALTIES).
 GRADIENT_PENALTIES: dict[str, Penalty] = {"wgan_gp": wgan_gp, "r1": r1}
-# config.train.gradient_penalty's values.
-PENALTY_NAMES = ("none", *GRADIENT_PENALTIES)

@@ -14,7 +14,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dcgan_jax import cli, config as config_lib, parallel, workdir  # noqa: E402
+from dcgan_jax import cli, parallel, workdir  # noqa: E402
+from dcgan_jax import config as config_lib
+from dcgan_jax.errors import UserFacingError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples and logs.")
@@ -42,6 +44,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.set_up_process()
     cli.quiet_logs()
     try:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -50,17 +53,14 @@ def main(argv: list[str]) -> None:
         workdir.create(FLAGS.workdir)
         if jax.process_index() == 0:
             workdir.ensure_free(FLAGS.workdir)
-    except ValueError as error:  # ConfigError, WorkdirError, incomplete multi-host flags
+    except (UserFacingError, ValueError) as error:  # ValueError: incomplete multi-host flags
         cli.fail(PROGRAM, str(error))
     # The input and logging stack loads only now: TensorFlow takes seconds to import.
-    from dcgan_jax import checkpoints, data, prepared, reporting, train
-    from dcgan_jax.evaluation import metrics, weights
+    from dcgan_jax import train
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.start_over)
-    except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError,
-            reporting.NonFiniteLossError, weights.WeightsError, metrics.MetricError,
-            workdir.WorkdirError, prepared.PreparedDataError) as error:
+    except UserFacingError as error:
         cli.fail(PROGRAM, str(error))
 
 

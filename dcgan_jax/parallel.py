@@ -11,10 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from dcgan_jax import strided_conv
 
 DATA_AXIS = "data"
 
@@ -34,8 +31,6 @@ def initialize_distributed(coordinator_address: str | None = None,
 
     Explicit arguments win; otherwise JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     JAX_PROCESS_ID are read; otherwise SLURM, Open MPI and TPU pods are auto-detected.
-    Once joined, every process takes process 0's CPU forms of the strided convolutions
-    (`strided_conv.agree_across_processes`), whatever processor its host has.
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -51,9 +46,6 @@ def initialize_distributed(coordinator_address: str | None = None,
             "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     elif _cluster_detected():
         jax.distributed.initialize()
-    change = strided_conv.agree_across_processes()
-    if change:
-        logging.warning(change)
 
 
 def make_mesh() -> Mesh:

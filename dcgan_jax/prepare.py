@@ -17,12 +17,13 @@ import sys
 if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
     from dcgan_jax import signals
     signals.exit_on_stop_signals("dcgan_jax.prepare")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dcgan_jax import cli  # noqa: E402
 from dcgan_jax import config as config_lib  # noqa: E402
+from dcgan_jax.errors import UserFacingError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).",
@@ -36,6 +37,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.set_up_process()
     from dcgan_jax import data, prepared
     config = FLAGS.config
     try:
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> None:
             raise config_lib.ConfigError(f"--process_id={FLAGS.process_id} must be in "
                                          f"[0, {FLAGS.num_processes})")
         source = data.open_source(config.dataset, config.data.cache_dir,
-                                  config.data.tfds_data_dir)
+                                  config.data.tfds_data_dir, config.data.label_key)
         shards = ([FLAGS.process_id] if FLAGS.process_id is not None
                   else range(FLAGS.num_processes))
         workers = FLAGS.workers if FLAGS.workers is not None else os.cpu_count() or 1
@@ -52,10 +54,11 @@ def main(argv: list[str]) -> None:
             images = data.prepare_shard(config, source,
                                         prepared.Shard(index, FLAGS.num_processes),
                                         say=print, workers=workers, progress=True)
-            print(f"Ready: {images.path} ({len(images.images):,} images)")
+            classes = f", {source.num_classes} classes" if source.num_classes else ""
+            print(f"Ready: {images.path} ({len(images.images):,} images{classes})")
             if message := images.unreadable_message:
                 print(f"Warning: {message}")
-    except (ValueError, OSError) as error:  # ConfigError, DataError, PreparedDataError
+    except (UserFacingError, OSError) as error:
         sys.exit(f"dcgan_jax.prepare: error: {str(error).splitlines()[0]}")
 
 

@@ -6,19 +6,23 @@ eats tens of thousands of images a second. So each process's shard of a dataset 
 once, at the training resolution, channels and crop, into
 
     CACHE/prepared/NAME-KEY/images.u8    N x R x R x C uint8, rows in source order
-    CACHE/prepared/NAME-KEY/meta.json    shape, source fingerprint, unreadable files
+    CACHE/prepared/NAME-KEY/labels.i32   N little-endian int32, each row's class (labelled
+                                         sources only: meta.json's "classes" not empty)
+    CACHE/prepared/NAME-KEY/meta.json    shape, classes, source fingerprint, unreadable files
 
 KEY names what the images are (dataset, resolution, channels, crop, shard); meta.json's
-fingerprint names the source's content (folders: every file's path, size, mtime and ctime;
-tfds: name, version, split and size). A changed source is noticed and prepared again. A
-folder appears under its final name only once complete (written aside as
-NAME-KEY.partial-HOST-PID, then renamed), and its size is checked on every open, so an
-interrupted or truncated preparation is never read as images; what a killed process left
-aside is removed by the next one on its host.
+fingerprint names the source's content and labels (`Source.fingerprint`: folders, every
+file's path, so its class, size, mtime and ctime; tfds: name, version, split, size and label
+feature). A changed source is noticed and prepared again. A folder appears under its final
+name only once complete (written aside as NAME-KEY.partial-HOST-PID, then renamed), and the
+size of its files is checked on every open, so an interrupted or truncated preparation is
+never read as images; what a killed process left aside is removed by the next one on its
+host. An unreadable file is left out with its label, so rows and labels stay paired.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -28,13 +32,17 @@ import re
 import shutil
 import socket
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
 
-FORMAT_VERSION = 1
+from dcgan_jax.errors import UserFacingError
+
+FORMAT_VERSION = 2  # 2: labels.i32 and meta.json's "classes"
 IMAGES_FILE = "images.u8"
+LABELS_FILE = "labels.i32"
+LABEL_DTYPE = np.dtype("<i4")
 META_FILE = "meta.json"
 # Unreadable files named in meta.json and in the warning; the count is always complete.
 UNREADABLE_EXAMPLES = 20
@@ -43,7 +51,7 @@ UNREADABLE_EXAMPLES = 20
 PREPARE_CHUNK = 256
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(UserFacingError, ValueError):
     """Prepared data cannot be written or read."""
 
 
@@ -55,23 +63,14 @@ class Shard:
     count: int = 1
 
 
-def source_fingerprint(dataset: str, source: Sequence[Any]) -> str:
-    """A digest that changes whenever the images behind `source` may have changed. A file
-    rewritten in place with its old mtime put back still has a new ctime."""
-    digest = hashlib.sha256(dataset.encode())
-    if len(source) and isinstance(source[0], str):  # image files
-        for path in source:
-            info = os.stat(path)
-            digest.update(f"{path}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\n"
-                          .encode())
-    elif isinstance(source, np.ndarray):  # the demo digits
-        digest.update(f"{source.shape}{source.dtype}".encode())
-        digest.update(hashlib.sha256(source.tobytes()).digest())
-    else:  # a tfds data source
-        info = getattr(source, "dataset_info", None)
-        name = info.full_name if info is not None else type(source).__name__
-        digest.update(f"{name}\t{getattr(source, 'split', '')}\t{len(source)}".encode())
-    return digest.hexdigest()
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Consecutive records, decoded: the readable ones' images and labels (None when the
+    source is unlabelled), in source order, and the paths of the unreadable ones."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    unreadable: list[str]
 
 
 def describe_change(old: dict[str, Any], count: int) -> str:
@@ -80,32 +79,28 @@ def describe_change(old: dict[str, Any], count: int) -> str:
     return "files were modified since it was prepared"
 
 
-def folder_name(dataset: str, resolution: int, channels: int, crop: str,
+def folder_name(location: str, resolution: int, channels: int, crop: str,
                 shard: Shard) -> str:
-    """NAME-KEY: readable, and unique for what the images are."""
-    identity = json.dumps({"dataset": _absolute(dataset), "resolution": resolution,
+    """NAME-KEY: readable, and unique for what the images are; `location` is the source's
+    (`Source.location`: config.dataset with any path made absolute)."""
+    identity = json.dumps({"dataset": location, "resolution": resolution,
                            "channels": channels, "crop": crop, "shard": [shard.index,
                                                                          shard.count],
                            "format": FORMAT_VERSION}, sort_keys=True)
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    name = re.sub(r"[^\w.-]+", "_", dataset.rstrip("/").split("/")[-1].split(":")[-1])
+    name = re.sub(r"[^\w.-]+", "_", location.rstrip("/").split("/")[-1].split(":")[-1])
     shard_text = f"-shard{shard.index}of{shard.count}" if shard.count > 1 else ""
     return f"{name[:40]}-{resolution}x{channels}{shard_text}-{key}"
 
 
-def _absolute(dataset: str) -> str:
-    kind, _, rest = dataset.partition(":")
-    if kind == "folder":
-        return f"folder:{os.path.abspath(os.path.expanduser(rest))}"
-    return dataset
-
-
 @dataclasses.dataclass
 class PreparedImages:
-    """An opened prepared folder: `images` is a read-only memory map."""
+    """An opened prepared folder: `images` and `labels` (None when unlabelled) are
+    read-only memory maps."""
 
     path: str
     images: np.ndarray
+    labels: np.ndarray | None
     meta: dict[str, Any]
 
     @property
@@ -118,43 +113,56 @@ class PreparedImages:
                 f"prepared, e.g. {', '.join(examples[:5])}")
 
 
+def _memmap(path: str, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """The file `path` of `shape` items, read-only; raises if it does not hold them all."""
+    expected = int(np.prod(shape)) * dtype.itemsize
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size != expected:
+        raise PreparedDataError(f"{path} holds {max(size, 0):,} bytes, not the "
+                                f"{expected:,} of {shape[0]:,} {what}: it is truncated")
+    return np.memmap(path, dtype, mode="r", shape=shape) if expected else np.zeros(shape, dtype)
+
+
 def open_prepared(path: str) -> PreparedImages:
     """Opens a complete prepared folder; raises PreparedDataError if it is incomplete."""
     try:
         with open(os.path.join(path, META_FILE)) as f:
             meta = json.load(f)
         shape = tuple(meta["shape"])
+        labelled = bool(meta.get("classes"))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise PreparedDataError(f"{path} has no readable {META_FILE} ({error})") from None
-    images_path = os.path.join(path, IMAGES_FILE)
-    expected = int(np.prod(shape))
-    size = os.path.getsize(images_path) if os.path.isfile(images_path) else -1
-    if size != expected:
-        raise PreparedDataError(f"{images_path} holds {max(size, 0):,} bytes, not the "
-                                f"{expected:,} of {shape[0]:,} images: it is truncated")
-    images = (np.memmap(images_path, np.uint8, mode="r", shape=shape) if expected
-              else np.zeros(shape, np.uint8))
-    return PreparedImages(path, images, meta)
+    images = _memmap(os.path.join(path, IMAGES_FILE), np.dtype(np.uint8), shape, "images")
+    labels = (_memmap(os.path.join(path, LABELS_FILE), LABEL_DTYPE, shape[:1], "labels")
+              if labelled else None)
+    return PreparedImages(path, images, labels, meta)
 
 
-def _write(path: str, chunks: Any, total: int, image_shape: tuple[int, ...],
+def _write(path: str, chunks: Iterable[Chunk], total: int, image_shape: tuple[int, ...],
            meta: dict[str, Any], progress: Callable[[int], None]) -> None:
-    """Writes the folder aside, then renames it into place."""
+    """Writes the folder aside, then renames it into place; labels when meta["classes"]."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     partial = f"{path}.partial-{_owner()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     written, unreadable = 0, []
+    labelled = bool(meta.get("classes"))
     try:
-        with open(os.path.join(partial, IMAGES_FILE), "wb") as f:
-            for images, bad_paths in chunks:
-                f.write(np.ascontiguousarray(images).tobytes())
-                written += len(images)
-                unreadable.extend(bad_paths)
-                progress(len(images) + len(bad_paths))
-            f.flush()
-            os.fsync(f.fileno())
+        with contextlib.ExitStack() as files:
+            images_file = files.enter_context(open(os.path.join(partial, IMAGES_FILE), "wb"))
+            labels_file = (files.enter_context(open(os.path.join(partial, LABELS_FILE), "wb"))
+                           if labelled else None)
+            for chunk in chunks:
+                images_file.write(np.ascontiguousarray(chunk.images).tobytes())
+                if labels_file is not None:
+                    labels_file.write(np.asarray(chunk.labels, LABEL_DTYPE).tobytes())
+                written += len(chunk.images)
+                unreadable.extend(chunk.unreadable)
+                progress(len(chunk.images) + len(chunk.unreadable))
+            for f in filter(None, (images_file, labels_file)):
+                f.flush()
+                os.fsync(f.fileno())
         meta = {**meta, "shape": [written, *image_shape], "unreadable_count": len(unreadable),
                 "unreadable": unreadable[:UNREADABLE_EXAMPLES],
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname()}
@@ -229,17 +237,18 @@ def remove_abandoned(folder: str, say: Callable[[str], None]) -> None:
             say(f"Removed {abandoned}, left by process {match[2]} that is gone")
 
 
-def prepare(path: str, records: Sequence[Any], decode_chunks: Callable[..., Any],
+def prepare(path: str, records: Sequence[Any], decode_chunks: Callable[..., Iterable[Chunk]],
             meta: dict[str, Any], image_shape: tuple[int, ...],
             progress: Callable[[int], None] = lambda n: None) -> PreparedImages:
-    """Decodes `records` with `decode_chunks(records)` (yielding (images, unreadable
-    paths) pairs) into the prepared folder `path`, and opens it."""
+    """Decodes `records` with `decode_chunks(records)` (yielding a `Chunk` of consecutive
+    records at a time) into the prepared folder `path`, and opens it. meta["classes"], the
+    source's class names, says whether the chunks carry labels."""
     _write(path, decode_chunks(records), len(records), image_shape, meta, progress)
     return open_prepared(path)
 
 
 def find_or_prepare(path: str, records: Sequence[Any], fingerprint: str,
-                    decode_chunks: Callable[..., Any], meta: dict[str, Any],
+                    decode_chunks: Callable[..., Iterable[Chunk]], meta: dict[str, Any],
                     image_shape: tuple[int, ...], say: Callable[[str], None],
                     progress: bool = False) -> PreparedImages:
     """The prepared folder at `path` if it is complete and of the current source; otherwise
@@ -275,7 +284,9 @@ def find_or_prepare(path: str, records: Sequence[Any], fingerprint: str,
 
 
 class BatchIterator:
-    """Endless batches of `batch_size` images drawn without replacement from `images`.
+    """Endless batches of `batch_size` images drawn without replacement from `images`,
+    each with its row of `labels` when given: {"image": [batch_size, ...], "label": int32
+    [batch_size]}.
 
     Each epoch is a permutation of every row, seeded by (seed, epoch); its last partial
     batch is dropped. A batch is read as `chunks` runs of sorted rows, so the memory map
@@ -284,11 +295,13 @@ class BatchIterator:
     JSON bytes, the form grain's orbax handler stores.
     """
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, chunks: int = 1):
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, chunks: int = 1,
+                 labels: np.ndarray | None = None):
         if len(images) < batch_size:
             raise PreparedDataError(f"{len(images)} prepared images are fewer than one "
                                     f"step needs ({batch_size})")
         self.images, self.batch_size, self.seed, self.chunks = images, batch_size, seed, chunks
+        self.labels = labels
         self.epoch, self.offset = 0, 0
         self._order = self._permutation(0)
 
@@ -305,7 +318,9 @@ class BatchIterator:
         rows = self._order[self.offset:self.offset + self.batch_size]
         self.offset += self.batch_size
         rows = np.sort(rows.reshape(self.chunks, -1), axis=1).reshape(-1)
-        return {"image": self.images[rows]}
+        if self.labels is None:
+            return {"image": self.images[rows]}
+        return {"image": self.images[rows], "label": np.asarray(self.labels[rows], np.int32)}
 
     def get_state(self) -> bytes:
         return json.dumps({"epoch": self.epoch, "offset": self.offset,

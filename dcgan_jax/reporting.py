@@ -18,14 +18,16 @@ import numpy as np
 import tensorflow as tf
 from clu import metric_writers, parameter_overview
 
-from dcgan_jax import config as config_lib, losses, parallel, paths
+from dcgan_jax import config as config_lib
+from dcgan_jax import losses, parallel, paths
 from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.errors import UserFacingError
 
 # How often a bucket workdir receives the events and metrics.jsonl written so far.
 BUCKET_SYNC_SECONDS = 60.0
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserFacingError, FloatingPointError):
     """A logged loss, or a weight about to be saved, became NaN or infinite."""
 
 

@@ -3,6 +3,7 @@
 Decided before the start-up tables and before anything in the workdir is touched:
 - config fields that change the networks' trees or what the saved state means (model.*,
   EMA on or off) must equal the saved ones;
+- a conditional model's classes must be those its checkpoints were trained on;
 - the data position saved with the newest checkpoint must fit the data: the same records
   (their identity is saved beside the position), the same `data.prepared` and, decoding
   every epoch, the same `data.num_workers`; `data.reset_position=true` restarts the data
@@ -18,7 +19,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from dcgan_jax import checkpoints, config as config_lib, paths, signals
+from dcgan_jax import checkpoints, paths, signals
+from dcgan_jax import config as config_lib
 from dcgan_jax import workdir as workdir_lib
 
 # Fields that neither shape the state nor change the training math: changed silently.
@@ -62,6 +64,26 @@ def _data_change(saved: dict[str, Any] | None, dataset: dict[str, Any]) -> str |
         return (f"{dataset['dataset']} holds {dataset['records']:,} records, "
                 f"{saved.get('records'):,} when the checkpoint was saved")
     return f"the records of {dataset['dataset']} changed since the checkpoint was saved"
+
+
+def _class_list(names: Any, shown: int = 5) -> str:
+    names = list(names or [])
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return "[" + ", ".join(map(str, names[:shown])) + more + "]"
+
+
+def _check_classes(config: Any, workdir: str, saved: dict[str, Any] | None,
+                   dataset: dict[str, Any]) -> None:
+    """A conditional model's labels mean the classes it was trained on: other classes (even
+    as many, or renamed) are refused, whatever data.reset_position says."""
+    if not config.model.num_classes or saved is None or "classes" not in saved:
+        return
+    if saved["classes"] != dataset.get("classes"):
+        raise checkpoints.IncompatibleCheckpointError(
+            f"cannot resume {workdir}: config.dataset={config.dataset!r} has the classes "
+            f"{_class_list(dataset.get('classes'))}, and its checkpoints were trained on "
+            f"{_class_list(saved['classes'])}; a conditional G draws its labels' classes, so "
+            f"use the same classes or train in a new workdir")
 
 
 def _is_on(ema_decay: Any) -> bool:
@@ -127,6 +149,7 @@ def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
             f"resume: they shape the saved networks. Go back to the saved value, or train "
             f"in a new workdir{carry}")
     saved_dataset = checkpoints.saved_dataset(workdir, steps[-1])
+    _check_classes(config, workdir, saved_dataset, dataset)
     if change := _data_change(saved_dataset, dataset):
         data_changes.append(change)
     if data_changes and not config.data.reset_position:

@@ -6,7 +6,11 @@ Modes:
   grid          a rows x cols PNG of samples
   files         --num individual PNG files in a folder (for FID tools)
   interpolate   linear and spherical paths through --points latents: a PNG each with one
-                row per segment, key points in the first and last columns, and a GIF each
+                row per segment, key points in the first and last columns, and a GIF each;
+                with --between_classes=A,B,... a class-conditional run's path from class A
+                to class B (and on) at one latent instead
+  classes       a class-conditional run's classes, a row each, over --cols latents (the
+                same in every row); the class names are printed in row order
   gif           the run's samples/step_*.png as an animated GIF of training
   real_vs_fake  real training images beside samples (reads the dataset)
   plot          losses and D outputs over steps from metrics.jsonl
@@ -14,12 +18,16 @@ Modes:
                 trained with --config.eval.every > 0)
   summary       parameter tables of G and D
 The averaged (EMA) generator is used when the run has one, unless --no_ema is given.
+A class-conditional run's grid, files, interpolation key points and real_vs_fake samples are
+class-balanced, image i of class i mod num_classes (as in training's sample grids), or all
+of class K with --class=K.
 GIFs narrower than 256 pixels are enlarged by a whole factor, nearest neighbour.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import sys
@@ -37,11 +45,18 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from dcgan_jax import checkpoints, images, parallel, paths, step as step_lib  # noqa: E402
+from dcgan_jax import checkpoints, cli, images, parallel, paths  # noqa: E402
+from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib  # noqa: E402
+from dcgan_jax.errors import UserFacingError  # noqa: E402
 from dcgan_jax.losses import D_OUTPUT_NAMES, PROBABILITY  # noqa: E402
 
-MODES = ("grid", "files", "interpolate", "gif", "real_vs_fake", "plot", "fid", "summary")
+MODES = ("grid", "files", "interpolate", "classes", "gif", "real_vs_fake", "plot", "fid",
+         "summary")
+# The modes that draw images of given classes, and so take --class.
+CLASS_MODES = ("grid", "files", "interpolate", "real_vs_fake")
+# Class names listed in an error about a class number, when there are no more of them.
+LISTED_CLASSES = 20
 
 flags.DEFINE_string("workdir", None, "The run's workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore; the latest by default.")
@@ -57,12 +72,20 @@ flags.DEFINE_integer("frames", 8, "Steps from one interpolation point to the nex
                      "row holds frames + 1 images.")
 flags.DEFINE_float("fps", 8.0, "Frames per second of GIFs.")
 flags.DEFINE_bool("no_ema", False, "Use G's raw weights even when the run averages them.")
+flags.DEFINE_integer("class", None, "A class-conditional run's class K: all images of "
+                     f"{', '.join(CLASS_MODES)} are of class K (class-balanced without it).")
+flags.DEFINE_list("between_classes", None, "interpolate of a class-conditional run: from "
+                  "class A to class B (and on) at one latent, e.g. --between_classes=3,5.")
 FLAGS = flags.FLAGS
 _latent_sequence = jax.jit(step_lib.latent_sequence, static_argnums=2)
 
 
+class SampleError(UserFacingError, ValueError):
+    """A flag that does not fit the run, such as a class it does not have."""
+
+
 class Sampler:
-    """A restored generator that turns latents into uint8 images."""
+    """A restored generator that turns latents (and classes) into uint8 images."""
 
     def __init__(self, workdir: str, step: int | None = None, use_ema: bool = True,
                  mesh: Mesh | None = None):
@@ -76,6 +99,12 @@ class Sampler:
         self.use_ema = use_ema and self.state.ema is not None
         self._generate = jax.jit(functools.partial(
             step_lib.generate_images, config=self.config, use_ema=self.use_ema))
+        self.num_classes = self.config.model.num_classes
+        # Checkpoints saved before the dataset record held class names show the indices.
+        names = (checkpoints.saved_dataset(workdir, self.step) or {}).get("classes")
+        self.class_names = (tuple(names) if isinstance(names, list)
+                            and len(names) == self.num_classes
+                            else tuple(str(label) for label in range(self.num_classes)))
 
     def latents(self, seed: int, count: int, offset: int = 0) -> np.ndarray:
         """Latents `offset` to `offset + count` of the sequence that `seed` defines: image i
@@ -83,11 +112,38 @@ class Sampler:
         return np.asarray(_latent_sequence(seed, jnp.arange(offset, offset + count),
                                            self.config.model.nz))
 
-    def generate(self, z: np.ndarray, sharded: bool = False) -> np.ndarray:
-        """uint8 images of the latents; `sharded` splits the batch over all devices."""
+    def classes(self, count: int, offset: int = 0,
+                class_index: int | None = None) -> np.ndarray | None:
+        """The classes of images `offset` to `offset + count` of a seed: all `class_index`,
+        or class-balanced (`images.sample_classes`); None for an unconditional run."""
+        return images.sample_classes(np.arange(offset, offset + count), self.num_classes,
+                                     class_index)
+
+    def check_class(self, index: int, flag: str) -> None:
+        """Raises SampleError naming `flag` (as given, e.g. --class=12) unless `index` is
+        one of the run's classes."""
+        name = flag.split("=")[0]
+        if not self.num_classes:
+            raise SampleError(f"{name} applies to class-conditional runs, and this run's "
+                              f"model is unconditional (config.model.num_classes=0); drop "
+                              f"{name}")
+        if not 0 <= index < self.num_classes:
+            named = self.class_names != tuple(str(k) for k in range(self.num_classes))
+            listed = (" (" + ", ".join(f"{k}: {n}" for k, n in enumerate(self.class_names))
+                      + ")" if named and self.num_classes <= LISTED_CLASSES else "")
+            raise SampleError(f"{flag}: class {index} is out of range; the run's classes are "
+                              f"0 to {self.num_classes - 1}{listed}")
+
+    def generate(self, z: np.ndarray, sharded: bool = False,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+        """uint8 images of the latents, of the classes `labels` for a conditional run (int
+        [N], or class weights [N, num_classes] that mix classes); `sharded` splits the batch
+        over all devices."""
         sharding = (parallel.batch_sharded(self.mesh) if sharded
                     else parallel.replicated(self.mesh))
-        out = self._generate(self.state, jax.device_put(jnp.asarray(z), sharding))
+        on_devices = [None if x is None else jax.device_put(jnp.asarray(x), sharding)
+                      for x in (z, labels)]
+        out = self._generate(self.state, on_devices[0], labels=on_devices[1])
         return images.to_uint8(np.asarray(jax.device_get(out)))
 
 
@@ -104,8 +160,21 @@ def interpolation_path(points: np.ndarray, frames: int, method: str) -> np.ndarr
     """Latents from points[0] to points[-1], `frames` per segment, both ends included."""
     mix: Callable[[np.ndarray, np.ndarray, float], np.ndarray] = (
         slerp if method == "slerp" else lambda a, b, t: (1 - t) * a + t * b)
-    path = [mix(a, b, i / frames) for a, b in zip(points, points[1:]) for i in range(frames)]
+    path = [mix(a, b, i / frames) for a, b in itertools.pairwise(points) for i in range(frames)]
     return np.stack(path + [points[-1]]).astype(np.float32)
+
+
+def path_labels(key_classes: np.ndarray | None, frames: int,
+                num_classes: int) -> np.ndarray | None:
+    """The classes along a path through key points of classes `key_classes` (None when
+    unconditional), `frames` per segment: int labels while they are all one class, else
+    class weights moving linearly from each key point's class to the next's."""
+    if key_classes is None:
+        return None
+    if len(set(key_classes.tolist())) == 1:
+        return np.full((len(key_classes) - 1) * frames + 1, key_classes[0], np.int32)
+    one_hot = np.eye(num_classes, dtype=np.float32)[key_classes]
+    return interpolation_path(one_hot, frames, "linear")
 
 
 def segment_rows(path_images: np.ndarray, frames: int) -> np.ndarray:
@@ -123,11 +192,25 @@ def output_path(workdir: str, default_name: str) -> str:
     return path
 
 
-def make_grid_figure(sampler: Sampler, seed: int, rows: int, cols: int) -> np.ndarray:
-    return images.make_grid(sampler.generate(sampler.latents(seed, rows * cols)), rows)
+def make_grid_figure(sampler: Sampler, seed: int, rows: int, cols: int,
+                     class_index: int | None = None) -> np.ndarray:
+    count = rows * cols
+    return images.make_grid(sampler.generate(
+        sampler.latents(seed, count), labels=sampler.classes(count, class_index=class_index)),
+        rows)
 
 
-def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: int) -> None:
+def make_classes_figure(sampler: Sampler, seed: int, cols: int) -> np.ndarray:
+    """A row per class in class order, column j of latent j of the seed in every row: a
+    column shows one latent across the classes."""
+    z = sampler.latents(seed, cols)
+    rows = [sampler.generate(z, labels=np.full(cols, label, np.int32))
+            for label in range(sampler.num_classes)]  # a row at a time: one compilation
+    return images.make_grid(np.concatenate(rows), sampler.num_classes)
+
+
+def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: int,
+                class_index: int | None = None) -> None:
     from tqdm import tqdm
     devices = jax.device_count()
     batch_size = -(-batch_size // devices) * devices
@@ -136,25 +219,46 @@ def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: 
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             z = sampler.latents(seed, batch_size, offset=start)  # full batches: one compile
-            for i, image in enumerate(sampler.generate(z, sharded=True)[:count]):
+            labels = sampler.classes(batch_size, offset=start, class_index=class_index)
+            for i, image in enumerate(sampler.generate(z, sharded=True, labels=labels)[:count]):
                 images.save_png(os.path.join(folder, f"{start + i:06d}.png"), image)
             progress.update(count)
 
 
+def write_walk(walk: np.ndarray, frames: int, fps: float, name: str) -> list[str]:
+    """`name`.png, a row per segment of the path's images `walk` (`segment_rows`), and
+    `name`.gif walking the whole path there and back; returns both paths."""
+    images.save_png(f"{name}.png",
+                    images.make_grid(segment_rows(walk, frames), (len(walk) - 1) // frames))
+    ping_pong = list(walk) + list(walk[-2:0:-1])  # loops without repeated frames
+    images.save_gif(f"{name}.gif", ping_pong, fps)
+    return [f"{name}.png", f"{name}.gif"]
+
+
 def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, fps: float,
-                         prefix: str) -> list[str]:
+                         prefix: str, class_index: int | None = None) -> list[str]:
     """Per method, a PNG of `points - 1` rows of `frames + 1` images and a GIF walking the
-    whole path there and back; the paths of both methods pass through the same key points."""
+    whole path there and back; the paths of both methods pass through the same key points,
+    images 0 to points - 1 of the seed. A conditional run's path stays in class
+    `class_index`, or else moves from each key point's class to the next's too."""
     ends = sampler.latents(seed, points)
+    labels = path_labels(sampler.classes(points, class_index=class_index), frames,
+                         sampler.num_classes)
     written = []
     for method in ("linear", "slerp"):
-        walk = sampler.generate(interpolation_path(ends, frames, method))
-        images.save_png(f"{prefix}_{method}.png",
-                        images.make_grid(segment_rows(walk, frames), points - 1))
-        ping_pong = list(walk) + list(walk[-2:0:-1])  # loops without repeated frames
-        images.save_gif(f"{prefix}_{method}.gif", ping_pong, fps)
-        written += [f"{prefix}_{method}.png", f"{prefix}_{method}.gif"]
+        walk = sampler.generate(interpolation_path(ends, frames, method), labels=labels)
+        written += write_walk(walk, frames, fps, f"{prefix}_{method}")
     return written
+
+
+def write_class_interpolation(sampler: Sampler, seed: int, classes: list[int], frames: int,
+                              fps: float, prefix: str) -> list[str]:
+    """At latent 0 of the seed, from class classes[0] to classes[1] (and on), the class
+    weights moving linearly: a PNG with a row per pair of classes and a GIF."""
+    labels = path_labels(np.asarray(classes, np.int32), frames, sampler.num_classes)
+    z = np.repeat(sampler.latents(seed, 1), len(labels), axis=0)
+    return write_walk(sampler.generate(z, labels=labels), frames, fps,
+                      f"{prefix}_classes_{'-'.join(map(str, classes))}")
 
 
 def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
@@ -169,18 +273,26 @@ def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
     return len(frames)
 
 
-def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int) -> None:
+def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int,
+                       class_index: int | None = None) -> None:
+    """Dataset images beside samples; a conditional run's real images are of the samples'
+    classes, image for image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from dcgan_jax import data
     config = sampler.config
-    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir)
-    real = images.make_grid(data.sample_images(config, source, side * side), side)
-    fake = make_grid_figure(sampler, seed, side, side)
+    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir,
+                              config.data.label_key)
+    count = side * side
+    real, _ = data.sample_images(config, source, count,
+                                 classes=sampler.classes(count, class_index=class_index))
+    fake = make_grid_figure(sampler, seed, side, side, class_index)
+    of_class = "" if class_index is None else f", class {sampler.class_names[class_index]}"
     figure, axes = plt.subplots(1, 2, figsize=(12, 6.4))
-    for ax, grid, title in ((axes[0], real, "Real images"),
-                            (axes[1], fake, f"Generated, step {sampler.step}")):
+    for ax, grid, title in ((axes[0], images.make_grid(real, side), f"Real images{of_class}"),
+                            (axes[1], fake, f"Generated{of_class}, step {sampler.step}")):
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
         ax.set_title(title)
         ax.axis("off")
@@ -271,12 +383,40 @@ def write_fid_plot(workdir: str, path: str) -> tuple[int, dict]:
     return len(rows), best
 
 
+def between_classes() -> list[int] | None:
+    """The classes of --between_classes; None when it is not given or not class numbers."""
+    try:
+        return [int(value) for value in FLAGS.between_classes or ()] or None
+    except ValueError:
+        return None
+
+
+def class_flags_problem(mode: str) -> str | None:
+    """The first problem with --class and --between_classes for `mode`, or None; whether
+    the run has those classes is checked once it is read (`Sampler.check_class`)."""
+    class_index, between = FLAGS["class"].value, FLAGS.between_classes
+    if class_index is not None and mode not in CLASS_MODES:
+        return (f"--class applies to {', '.join(CLASS_MODES[:-1])} and {CLASS_MODES[-1]}, "
+                f"not {mode}")
+    if between is None:
+        return None
+    if mode != "interpolate":
+        return f"--between_classes applies to interpolate, not {mode}"
+    if class_index is not None:
+        return "give --class=K (a path within class K) or --between_classes, not both"
+    if between_classes() is None or len(between) < 2:
+        return (f"--between_classes={','.join(between)} must be two or more class numbers "
+                f"separated by commas, e.g. --between_classes=3,5")
+    return None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in MODES:
         sys.exit(f"dcgan_jax.sample: error: give one mode of {', '.join(MODES)} "
                  f"(got {' '.join(argv[1:]) or 'none'})")
     if not FLAGS.workdir:
         sys.exit("dcgan_jax.sample: error: --workdir is required")
+    cli.set_up_process()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
     for name in ("rows", "cols", "num", "batch_size", "frames"):
@@ -285,26 +425,41 @@ def main(argv: list[str]) -> None:
     if FLAGS.points < 2:
         sys.exit(f"dcgan_jax.sample: error: --points={FLAGS.points} must be at least 2")
     mode, workdir = argv[1], FLAGS.workdir
-    ema = not FLAGS.no_ema
+    if problem := class_flags_problem(mode):
+        sys.exit(f"dcgan_jax.sample: error: {problem}")
     try:
-        if mode == "gif":
-            path = output_path(workdir, "training.gif")
-            print(f"{path}: {write_training_gif(workdir, path, FLAGS.fps, ema)} frames")
-            return
-        if mode == "plot":
-            path = output_path(workdir, "losses.png")
-            print(f"{path}: {write_plot(workdir, path)} logged steps")
-            return
-        if mode == "fid":
-            path = output_path(workdir, "fid.png")
-            count, best = write_fid_plot(workdir, path)
-            print(f"{path}: {count} evaluations; best FID {best['fid']:.3f} at step "
-                  f"{best['step']}")
-            return
-        sampler = Sampler(workdir, FLAGS.step, ema)
-    except checkpoints.CheckpointError as error:
+        run_mode(mode, workdir, not FLAGS.no_ema, FLAGS["class"].value, between_classes())
+    except UserFacingError as error:
         sys.exit(f"dcgan_jax.sample: error: {error}")
-    tag = f"step{sampler.step}{'_ema' if sampler.use_ema else ''}_seed{FLAGS.seed}"
+
+
+def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
+             between: list[int] | None) -> None:
+    """Writes the figure or files of `mode`, and prints where."""
+    if mode == "gif":
+        path = output_path(workdir, "training.gif")
+        print(f"{path}: {write_training_gif(workdir, path, FLAGS.fps, ema)} frames")
+        return
+    if mode == "plot":
+        path = output_path(workdir, "losses.png")
+        print(f"{path}: {write_plot(workdir, path)} logged steps")
+        return
+    if mode == "fid":
+        path = output_path(workdir, "fid.png")
+        count, best = write_fid_plot(workdir, path)
+        print(f"{path}: {count} evaluations; best FID {best['fid']:.3f} at step "
+              f"{best['step']}")
+        return
+    sampler = Sampler(workdir, FLAGS.step, ema)
+    if class_index is not None:
+        sampler.check_class(class_index, f"--class={class_index}")
+    for label in between or ():
+        sampler.check_class(label, f"--between_classes={','.join(map(str, between))}")
+    if mode == "classes" and not sampler.num_classes:
+        raise SampleError("the classes mode shows a class-conditional run's classes, and this "
+                          "run's model is unconditional (config.model.num_classes=0)")
+    tag = (f"step{sampler.step}{'_ema' if sampler.use_ema else ''}_seed{FLAGS.seed}"
+           f"{'' if class_index is None else f'_class{class_index}'}")
     if mode == "summary":
         from dcgan_jax import reporting
         print(f"{workdir}, step {sampler.step}",
@@ -312,24 +467,37 @@ def main(argv: list[str]) -> None:
               reporting.parameter_table("Discriminator", sampler.state.d.params), sep="\n")
     elif mode == "files":
         folder = FLAGS.out or os.path.join(workdir, workdir_lib.FIGURES_DIR, f"files_{tag}")
-        write_files(sampler, folder, FLAGS.num, FLAGS.seed, FLAGS.batch_size)
-        print(f"{folder}: {FLAGS.num} images")
+        write_files(sampler, folder, FLAGS.num, FLAGS.seed, FLAGS.batch_size, class_index)
+        if class_index is not None:
+            print(f"{folder}: {FLAGS.num} images of class {class_index} "
+                  f"({sampler.class_names[class_index]})")
+        elif sampler.num_classes:
+            print(f"{folder}: {FLAGS.num} images, class-balanced (image i of class i mod "
+                  f"{sampler.num_classes})")
+        else:
+            print(f"{folder}: {FLAGS.num} images")
     elif mode == "grid":
         path = output_path(workdir, f"grid_{tag}.png")
-        images.save_png(path, make_grid_figure(sampler, FLAGS.seed, FLAGS.rows, FLAGS.cols))
+        images.save_png(path, make_grid_figure(sampler, FLAGS.seed, FLAGS.rows, FLAGS.cols,
+                                               class_index))
         print(path)
+    elif mode == "classes":
+        path = output_path(workdir, f"classes_{tag}.png")
+        images.save_png(path, make_classes_figure(sampler, FLAGS.seed, FLAGS.cols))
+        print(path)
+        for label, name in enumerate(sampler.class_names):
+            print(f"row {label}: {name}")
     elif mode == "interpolate":
         prefix = output_path(workdir, f"interpolate_{tag}")
         prefix = prefix[:-4] if prefix.endswith((".png", ".gif")) else prefix
-        print("\n".join(write_interpolations(sampler, FLAGS.seed, FLAGS.points, FLAGS.frames,
-                                             FLAGS.fps, prefix)))
+        written = (write_class_interpolation(sampler, FLAGS.seed, between, FLAGS.frames,
+                                             FLAGS.fps, prefix) if between else
+                   write_interpolations(sampler, FLAGS.seed, FLAGS.points, FLAGS.frames,
+                                        FLAGS.fps, prefix, class_index))
+        print("\n".join(written))
     elif mode == "real_vs_fake":
-        from dcgan_jax import data
         path = output_path(workdir, f"real_vs_fake_{tag}.png")
-        try:
-            write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows)
-        except data.DataError as error:
-            sys.exit(f"dcgan_jax.sample: error: {error}")
+        write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows, class_index)
         print(path)
 
 

@@ -48,7 +48,7 @@ def exit_on_stop_signals(program: str) -> None:
         """A handler that ran inside a callback (the garbage collector's, a __del__) had
         its SystemExit printed and ignored: exit here instead."""
         if stopping.is_set() and getattr(report, "exc_type", None) is SystemExit:
-            _exit_now(int(getattr(report, "exc_value").code) - 128)
+            _exit_now(int(report.exc_value.code) - 128)
         previous_hook(report)
 
     def skip_finalization() -> None:

@@ -1,5 +1,10 @@
 """The GAN state and the one jitted step that updates D `d_steps` times and G once.
 
+A batch is a dict, as in flax's imagenet example: `image` [d_steps, N, H, W, C], and `label`
+[d_steps, N] int32 where the data has labels. A conditional model (config.model.num_classes
+above 0) reads the labels of the reals, and draws its fakes' labels uniformly over the
+classes from (rng, step), as it draws their latents.
+
 The objective, D's gradient penalty and the augmentation of D's inputs are picked by name
 (config.train.loss, gradient_penalty, augment) from `losses` and `augment`.
 
@@ -20,10 +25,12 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from dcgan_jax import augment, losses, parallel
-from dcgan_jax.models import Discriminator, Generator, Pyramid, image_pyramid, num_scales
+from dcgan_jax import augment, losses, models, parallel
+from dcgan_jax.models import Pyramid, image_pyramid, num_scales
+from dcgan_jax.strided_conv import DownsampleConv, UpsampleConv
 
 Metrics = dict[str, jax.Array]
+Batch = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
@@ -48,15 +55,20 @@ class GANState:
     step: jax.Array
 
 
-def build_models(config: Any) -> tuple[Generator, Discriminator]:
-    m = config.model
-    dtype = jnp.dtype(config.dtype)
-    generator = Generator(resolution=m.resolution, channels=m.channels, base_channels=m.ngf,
-                          msg=m.msg, dtype=dtype)
-    discriminator = Discriminator(resolution=m.resolution, base_channels=m.ndf, msg=m.msg,
-                                  msg_combine=m.msg_combine, leaky_slope=m.leaky_slope,
-                                  norm=m.d_norm, dtype=dtype)
-    return generator, discriminator
+def build_models(config: Any, conv_forms: Any = None) -> tuple[Any, Any]:
+    """G and D of config.model.family (models.FAMILIES), their strided convolutions in
+    `conv_forms` (strided_conv's CPU forms; None: this host's)."""
+    upsample, downsample = UpsampleConv, DownsampleConv
+    if conv_forms is not None:
+        upsample = functools.partial(UpsampleConv, forms=conv_forms)
+        downsample = functools.partial(DownsampleConv, forms=conv_forms)
+    return models.FAMILIES[config.model.family](config.model, jnp.dtype(config.dtype),
+                                                upsample=upsample, downsample=downsample)
+
+
+def class_labels(config: Any, batch: int) -> jax.Array | None:
+    """Placeholder labels for shapes and initialisation (None for unconditional models)."""
+    return jnp.zeros((batch,), jnp.int32) if config.model.num_classes else None
 
 
 def learning_rate_fns(config: Any, total_steps: int) -> dict[str, optax.Schedule]:
@@ -83,10 +95,11 @@ def _init_state(rng: jax.Array, config: Any, total_steps: int) -> GANState:
     g_key, d_key, state_key = jax.random.split(rng, 3)
     m = config.model
     z = jnp.zeros((2, m.nz), jnp.float32)
-    g_vars = generator.init(g_key, z, train=False)
+    labels = class_labels(config, 2)
+    g_vars = generator.init(g_key, z, labels, train=False)
     pyramid = image_pyramid(jnp.zeros((2, m.resolution, m.resolution, m.channels)),
                             num_scales(m.resolution, m.msg))
-    d_vars = discriminator.init(d_key, pyramid, train=False)
+    d_vars = discriminator.init(d_key, pyramid, labels, train=False)
     g_tx, d_tx = _optimizers(config, total_steps)
     g = TrainState.create(apply_fn=None, params=g_vars["params"],
                           batch_stats=g_vars["batch_stats"], tx=g_tx)
@@ -135,16 +148,33 @@ def latent_sequence(seed: int | jax.Array, indices: jax.Array, nz: int) -> jax.A
 
 
 # Key streams of a step beyond the D updates' indices in `latent_batch`: flips, the
-# augmentations of D's inputs, and the interpolates of gradient penalties.
+# augmentations of D's inputs, the interpolates of gradient penalties, and fakes' classes.
 FLIP_STREAM = 2**31 - 1
 AUGMENT_STREAM = 2**31 - 2
 PENALTY_STREAM = 2**31 - 3
+LABEL_STREAM = 2**31 - 4
 
 
 def stream_key(rng: jax.Array, step: jax.Array, stream: int, index: int) -> jax.Array:
     """The key of draw `index` of `stream` in `step`: a pure function of (rng, step), so
     any device count, and a resumed run, draw alike."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, step), stream), index)
+
+
+def label_batch(rng: jax.Array, step: jax.Array, index: int, batch: int,
+                num_classes: int) -> jax.Array:
+    """The classes of the fakes of D update `index` in `step`, uniform over the classes: a
+    pure function of (rng, step, index), as their latents are."""
+    return jax.random.randint(stream_key(rng, step, LABEL_STREAM, index), (batch,), 0,
+                              num_classes, jnp.int32)
+
+
+def label_sequence(seed: int | jax.Array, indices: jax.Array, num_classes: int) -> jax.Array:
+    """Classes of `indices` in the sequence `seed` names, uniform over the classes and, as
+    `latent_sequence`, the same whatever batch an index is drawn in."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), LABEL_STREAM)
+    return jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0,
+                                                 num_classes, jnp.int32))(indices)
 
 
 def random_flips(images: jax.Array, rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -155,12 +185,15 @@ def random_flips(images: jax.Array, rng: jax.Array, step: jax.Array) -> jax.Arra
     return jnp.where(flip[..., None, None, None], jnp.flip(images, axis=-2), images)
 
 
-def train_step(state: GANState, real: jax.Array, config: Any,
-               latent_sharding: Any = None) -> tuple[GANState, Metrics]:
-    """`d_steps` D updates on real[i] and fresh fakes, then one G update.
+def train_step(state: GANState, batch: Batch, config: Any, latent_sharding: Any = None,
+               conv_forms: Any = None) -> tuple[GANState, Metrics]:
+    """`d_steps` D updates on batch["image"][i] and fresh fakes, then one G update.
 
-    `real` is [d_steps, batch, H, W, C], uint8 or in [-1, 1], flipped here when
-    config.data.random_flip. G's update reuses the fake batch of
+    The images are [d_steps, batch, H, W, C], uint8 or in [-1, 1], flipped here when
+    config.data.random_flip; a conditional model also reads batch["label"], and D sees
+    reals with their classes and fakes with the classes G drew them for. Gradient
+    penalties take D at the reals' classes (WGAN-GP's interpolates too). G's update reuses
+    the fake batch of
     the last D update (as pytorch/examples does): its forward pass is kept as a VJP, so
     G runs once per D update and no forward pass is recomputed. With augmentation, reals
     and fakes each draw their own parameters in every D update, and G's update draws anew.
@@ -169,26 +202,29 @@ def train_step(state: GANState, real: jax.Array, config: Any,
     mean outputs on reals, and on fakes before and after D's update(s), as
     `losses.Objective.readout` gives them.
     """
-    generator, discriminator = build_models(config)
+    generator, discriminator = build_models(config, conv_forms)
     m, t = config.model, config.train
     objective = losses.objective(t.loss)
     penalty = losses.GRADIENT_PENALTIES.get(t.gradient_penalty)
     policy = augment.parse_policy(t.augment)
     scales = num_scales(m.resolution, m.msg)
-    batch = real.shape[1]
+    real = batch["image"]
+    real_labels = _real_labels(batch, m.num_classes)
+    size = real.shape[1]
     if config.data.random_flip:
         real = random_flips(real, state.rng, state.step)
     if jnp.issubdtype(real.dtype, jnp.integer):
         real = real.astype(jnp.float32) / 127.5 - 1.0
 
-    def generate(g_params, g_stats, z):
+    def generate(g_params, g_stats, z, labels):
         fake, updates = generator.apply({"params": g_params, "batch_stats": g_stats}, z,
-                                        train=True, mutable=["batch_stats"])
+                                        labels, train=True, mutable=["batch_stats"])
         return fake, updates["batch_stats"]
 
-    def discriminate(d_params, d_stats, pyramid):
+    def discriminate(d_params, d_stats, pyramid, labels):
         outputs, updates = discriminator.apply({"params": d_params, "batch_stats": d_stats},
-                                               pyramid, train=True, mutable=["batch_stats"])
+                                               pyramid, labels, train=True,
+                                               mutable=["batch_stats"])
         return outputs, updates.get("batch_stats", {})
 
     def augmented(pyramid: Pyramid, use: int) -> Pyramid:
@@ -197,14 +233,16 @@ def train_step(state: GANState, real: jax.Array, config: Any,
         key = stream_key(state.rng, state.step, AUGMENT_STREAM, use)
         return augment.diff_augment(pyramid, policy, key)
 
-    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid, index):
-        real_outputs, d_stats = discriminate(d_params, d_stats, real_pyramid)
-        fake_outputs, d_stats = discriminate(d_params, d_stats, fake_pyramid)
+    def d_loss_fn(d_params, d_stats, real_pyramid, fake_pyramid, real_classes, fake_classes,
+                  index):
+        real_outputs, d_stats = discriminate(d_params, d_stats, real_pyramid, real_classes)
+        fake_outputs, d_stats = discriminate(d_params, d_stats, fake_pyramid, fake_classes)
         loss = objective.d_loss(real_outputs, fake_outputs, t.label_smoothing)
         weighted_penalty = jnp.zeros(())
         if penalty is not None:
-            value, d_stats = penalty(functools.partial(discriminate, d_params, d_stats),
-                                     real_pyramid, fake_pyramid,
+            critic = lambda pyramid: discriminate(d_params, d_stats, pyramid,  # noqa: E731
+                                                  real_classes)
+            value, d_stats = penalty(critic, real_pyramid, fake_pyramid,
                                      stream_key(state.rng, state.step, PENALTY_STREAM, index))
             weighted_penalty = t.gp_weight * value
             loss = loss + weighted_penalty
@@ -214,25 +252,31 @@ def train_step(state: GANState, real: jax.Array, config: Any,
     d, g_stats = state.d, state.g.batch_stats
     d_metrics = []
     for i in range(t.d_steps):
-        z = latent_batch(state.rng, state.step, i, batch, m.nz)
+        z = latent_batch(state.rng, state.step, i, size, m.nz)
+        fake_labels = (label_batch(state.rng, state.step, i, size, m.num_classes)
+                       if m.num_classes else None)
         if latent_sharding is not None:
             z = jax.lax.with_sharding_constraint(z, latent_sharding)
+            if fake_labels is not None:
+                fake_labels = jax.lax.with_sharding_constraint(fake_labels, latent_sharding)
         if i == t.d_steps - 1:
             fake, g_pullback, g_stats = jax.vjp(
-                lambda p: generate(p, g_stats, z), state.g.params, has_aux=True)
+                functools.partial(generate, g_stats=g_stats, z=z, labels=fake_labels),
+                state.g.params, has_aux=True)
         else:
-            fake, g_stats = generate(state.g.params, g_stats, z)
+            fake, g_stats = generate(state.g.params, g_stats, z, fake_labels)
         real_pyramid = augmented(image_pyramid(real[i], scales), 2 * i)
         fake_pyramid = augmented(jax.lax.stop_gradient(fake), 2 * i + 1)
         grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
         (loss_d, (d_stats, d_real, d_fake, weighted_penalty)), d_grads = grad_fn(
-            d.params, d.batch_stats, real_pyramid, fake_pyramid, i)
+            d.params, d.batch_stats, real_pyramid, fake_pyramid,
+            None if real_labels is None else real_labels[i], fake_labels, i)
         d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
         d_metrics.append((loss_d, d_real, d_fake, weighted_penalty))
 
     def g_loss_fn(fake_pyramid):
         outputs, d_stats = discriminate(d.params, d.batch_stats,
-                                        augmented(fake_pyramid, 2 * t.d_steps))
+                                        augmented(fake_pyramid, 2 * t.d_steps), fake_labels)
         return objective.g_loss(outputs), (d_stats, objective.readout(outputs).mean())
 
     (loss_g, (d_stats, d_fake_after)), fake_grads = jax.value_and_grad(
@@ -248,10 +292,11 @@ def train_step(state: GANState, real: jax.Array, config: Any,
         decay = ema_decay_at(t.ema_decay, state.step)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                   ema["params"], g.params)
-        _, ema_stats = generate(ema_params, ema["batch_stats"], z)
+        _, ema_stats = generate(ema_params, ema["batch_stats"], z, fake_labels)
         ema = {"params": ema_params, "batch_stats": ema_stats}
 
-    loss_d, d_real, d_fake, weighted_penalty = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
+    loss_d, d_real, d_fake, weighted_penalty = (
+        jnp.mean(jnp.stack(v)) for v in zip(*d_metrics, strict=True))
     metrics = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real,
                "d_fake_before": d_fake, "d_fake_after": d_fake_after}
     if penalty is not None:
@@ -260,11 +305,22 @@ def train_step(state: GANState, real: jax.Array, config: Any,
     return new_state, metrics
 
 
-def make_train_step(config: Any, mesh: Mesh) -> Callable[[GANState, jax.Array],
-                                                         tuple[GANState, Metrics]]:
-    """The step jitted over `mesh`: state replicated and donated, real batches sharded."""
+def _real_labels(batch: Batch, num_classes: int) -> jax.Array | None:
+    if not num_classes:
+        return None
+    if "label" not in batch:
+        raise ValueError(f"config.model.num_classes={num_classes} needs batches with labels; "
+                         f"this batch has only {sorted(batch)}")
+    return batch["label"].astype(jnp.int32)
+
+
+def make_train_step(config: Any, mesh: Mesh, conv_forms: Any = None
+                    ) -> Callable[[GANState, Batch], tuple[GANState, Metrics]]:
+    """The step jitted over `mesh`: state replicated and donated, batches sharded; its
+    strided convolutions in `conv_forms` (None: this host's; see build_models)."""
     step = functools.partial(train_step, config=config,
-                             latent_sharding=parallel.batch_sharded(mesh))
+                             latent_sharding=parallel.batch_sharded(mesh),
+                             conv_forms=conv_forms)
     return jax.jit(step,
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, 1)),
                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
@@ -278,10 +334,11 @@ def all_finite(state: GANState) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def generate_images(state: GANState, z: jax.Array, config: Any,
-                    use_ema: bool = True) -> jax.Array:
-    """Full-resolution images from G in inference mode (EMA weights when kept)."""
+def generate_images(state: GANState, z: jax.Array, config: Any, use_ema: bool = True,
+                    labels: jax.Array | None = None) -> jax.Array:
+    """Full-resolution images from G in inference mode (EMA weights when kept), of the
+    classes `labels` where the model is conditional."""
     generator, _ = build_models(config)
     variables = (state.ema if use_ema and state.ema is not None
                  else {"params": state.g.params, "batch_stats": state.g.batch_stats})
-    return generator.apply(variables, z, train=False)[0]
+    return generator.apply(variables, z, labels, train=False)[0]

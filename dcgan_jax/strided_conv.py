@@ -6,9 +6,10 @@ own convolution on GPUs and TPUs, space-to-depth for inputs of few channels, and
 patch-matrix products in batch chunks where XLA's CPU backend runs them faster. On CPUs the
 chunk sizes and the kernel gradient's orientation follow the host processor
 (`dcgan_jax.host_cpu`: its L2 cache, AVX-512 or not; process 0's in a multi-host run, see
-`agree_across_processes`). Every form computes the same convolution; the measurements
-behind each choice are in benchmarks/NOTES.md ("Where each form is chosen"), and
-`benchmarks/layer_forms.py` times them all on a new host.
+`agree_across_processes`). Those choices are a value, `CpuForms`, that the layers take as a
+field (None: this host's, read when first traced, never at import). Every form computes the
+same convolution; the measurements behind each choice are in benchmarks/NOTES.md ("Where each
+form is chosen"), and `benchmarks/layer_forms.py` times them all on a new host.
 `DownsampleConv` and `UpsampleConv` are the layers of the networks in `dcgan_jax.models`.
 
 Kernels are HWIO, as `nn.Conv` has them. Heights and widths must be even, as they are in both
@@ -17,6 +18,8 @@ networks, so that each form's adjoint maps back onto the input's shape.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -35,14 +38,6 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # Inputs of fewer channels than this (images) take the space-to-depth forms on every backend.
 FEW_CHANNELS = 8
 
-# Batch chunks of the patch-matrix forms XLA's CPU backend runs: each chunk's patches take at
-# most this many bytes per device (and at least one image), so that they stay in cache.
-# Kernel gradients take four times the core's L2 cache, within the 2 to 8 MB measured best
-# (2 MB on the AVX2 EPYC with 512 KB of L2, where they were tuned; 8 MB on a 2 MB-L2 AVX-512
-# Xeon, where the largest 128x128 layers ran 1.14 to 1.19 times faster than with 2 MB), or
-# the gradient's size if that is larger.
-CONV_CHUNK_BYTES = 8 * 1024 * 1024
-
 
 def kernel_grad_chunk_bytes(l2_bytes: int) -> int:
     """Four times a core's L2 cache, within the 2 to 8 MB measured best (a size sysfs gives
@@ -50,49 +45,80 @@ def kernel_grad_chunk_bytes(l2_bytes: int) -> int:
     return min(max(4 * l2_bytes, 2 * 1024 * 1024), 8 * 1024 * 1024)
 
 
-KERNEL_GRAD_CHUNK_BYTES = kernel_grad_chunk_bytes(host_cpu.l2_cache_bytes())
+@dataclasses.dataclass(frozen=True)
+class CpuForms:
+    """Which forms XLA's CPU backend runs, and their batch chunks.
 
-# On CPUs, stride-2 convolutions of at least this many input channels are patch-matrix
-# products. With 64 channels the direct form made the whole train step faster.
-PATCHES_MIN_CHANNELS = 128
+    kernel_grad_chunk_bytes: each batch chunk of a kernel gradient takes at most this many
+        bytes of patches per device (or the gradient's size if larger): four times the
+        core's L2 cache, within the 2 to 8 MB measured best (2 MB on the AVX2 EPYC with
+        512 KB of L2, where they were tuned; 8 MB on a 2 MB-L2 AVX-512 Xeon, where the
+        largest 128x128 layers ran 1.14 to 1.19 times faster than with 2 MB).
+    kernel_grad_wide_minor: kernel gradients summed as [out, 16C] products (the wider side
+        minor) where 16C exceeds the output channels and the gradient fits in a chunk: on an
+        AVX-512 Xeon, XLA's kernels ran those layers 1.2 to 1.45 times faster than as
+        [16C, out], and the one measured layer whose gradient exceeds a chunk (512 -> 1024
+        channels at 8x8) slower. AVX2 hosts, where the forms were tuned, keep [16C, out].
+    conv_chunk_bytes: the same bound for the patch-matrix convolutions (at least one image a
+        chunk), so that their patches stay in cache.
+    patches_min_channels: stride-2 convolutions of at least this many input channels are
+        patch-matrix products. With 64 channels the direct form made the whole train step
+        faster.
+    patches_transpose_max_pixels: transposed convolutions from at most this many pixels
+        (4x4: D's last block's input gradient, G's first upsampling) are one matrix product
+        and its scatter.
 
-# On CPUs with AVX-512, kernel gradients are summed as [out, 16C] products (the wider side
-# minor) where 16C exceeds the output channels and the gradient fits in a chunk: on an Intel
-# Xeon, XLA's kernels ran those layers 1.2 to 1.45 times faster than as [16C, out], and the
-# one measured layer whose gradient exceeds a chunk (512 -> 1024 channels at 8x8) slower.
-# AVX2 hosts, where the forms were tuned, keep [16C, out].
-KERNEL_GRAD_WIDE_MINOR = host_cpu.has_avx512()
+    The defaults are the forms of that AVX2 host. A frozen dataclass, so that it hashes: the
+    custom-VJP functions take it as a static argument.
+    """
 
-# On CPUs, transposed convolutions from at most this many pixels (4x4: D's last block's
-# input gradient, G's first upsampling) are one matrix product and its scatter.
-PATCHES_TRANSPOSE_MAX_PIXELS = 16
+    kernel_grad_chunk_bytes: int = 2 * 1024 * 1024
+    kernel_grad_wide_minor: bool = False
+    conv_chunk_bytes: int = 8 * 1024 * 1024
+    patches_min_channels: int = 128
+    patches_transpose_max_pixels: int = 16
+
+    @classmethod
+    def for_processor(cls, l2_cache_bytes: int, avx512: bool) -> CpuForms:
+        """The forms that suit a processor with this L2 cache per core, AVX-512 or not."""
+        return cls(kernel_grad_chunk_bytes=kernel_grad_chunk_bytes(l2_cache_bytes),
+                   kernel_grad_wide_minor=avx512)
+
+    @staticmethod
+    @functools.cache
+    def of_host() -> CpuForms:
+        """The forms that suit this host's processor: read when first asked for (never at
+        import, so that importing the models reads nothing of the host), then cached."""
+        return CpuForms.for_processor(host_cpu.l2_cache_bytes(), host_cpu.has_avx512())
+
+    def describe(self) -> str:
+        """The host-dependent choices in words, for a log line."""
+        return (f"kernel-gradient chunks of {self.kernel_grad_chunk_bytes:,} bytes, "
+                f"{'[out, 16C]' if self.kernel_grad_wide_minor else '[16C, out]'} sums")
 
 
-def agree_across_processes() -> str | None:
-    """Makes every process of a multi-host run take process 0's CPU forms; says what changed
-    here, if anything.
+def agree_across_processes(ours: CpuForms | None = None) -> tuple[CpuForms, str | None]:
+    """The CPU forms every process of a run compiles, process 0's, given this process's
+    (None: this host's); and what that changes here, in a line, if anything.
 
     The kernel gradients' batch chunks and orientation follow each host's processor, and
     they decide how many collectives the compiled step holds: processes on different
     processors would compile steps whose collectives do not match, and gloo would abort the
-    run ("collective mismatch"). GPUs and TPUs compile only their own forms.
+    run ("collective mismatch"). GPUs and TPUs compile only their own forms. Every process
+    must call it (a broadcast) once it has joined the run.
     """
-    global KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR
+    ours = CpuForms.of_host() if ours is None else ours
     if jax.process_count() == 1 or jax.default_backend() != "cpu":
-        return None
-    ours = (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR)
-    chunk, wide = multihost_utils.broadcast_one_to_all(np.array(ours, np.int32))
-    KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR = int(chunk), bool(wide)
-    if (KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR) == ours:
-        return None
-
-    def forms(chunk_bytes: int, wide_minor: bool) -> str:
-        return (f"kernel-gradient chunks of {chunk_bytes:,} bytes, "
-                f"{'[out, 16C]' if wide_minor else '[16C, out]'} sums")
-
-    return (f"process {jax.process_index()} runs process 0's CPU forms "
-            f"({forms(KERNEL_GRAD_CHUNK_BYTES, KERNEL_GRAD_WIDE_MINOR)}) rather than its own "
-            f"({forms(*ours)}): every process must compile the same step")
+        return ours, None
+    chunk, wide = multihost_utils.broadcast_one_to_all(
+        np.array((ours.kernel_grad_chunk_bytes, ours.kernel_grad_wide_minor), np.int32))
+    agreed = dataclasses.replace(ours, kernel_grad_chunk_bytes=int(chunk),
+                                 kernel_grad_wide_minor=bool(wide))
+    if agreed == ours:
+        return agreed, None
+    return agreed, (f"process {jax.process_index()} runs process 0's CPU forms "
+                    f"({agreed.describe()}) rather than its own ({ours.describe()}): every "
+                    f"process must compile the same step")
 
 
 def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -124,12 +150,13 @@ def space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                         dimension_numbers=_NHWC)
 
 
-def conv_by_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_by_patches(x: jax.Array, kernel: jax.Array,
+                    forms: CpuForms = CpuForms()) -> jax.Array:
     """The strided convolution as patches of x times the kernel, in a loop over chunks of the
-    batch (`CONV_CHUNK_BYTES`), accumulated in float32 or wider."""
+    batch (`forms.conv_chunk_bytes`), accumulated in float32 or wider."""
     b, height, width, c = x.shape
     h, w = height // 2, width // 2
-    chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, CONV_CHUNK_BYTES)
+    chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, forms.conv_chunk_bytes)
     xs = x.reshape(b // chunks, chunks, height, width, c)
 
     def convolve_chunk(k, ys):
@@ -173,28 +200,30 @@ def kernel_grad_by_convolution(x: jax.Array, grad_y: jax.Array,
 
 
 def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array,
-                           wide_minor: bool | None = None) -> jax.Array:
+                           wide_minor: bool | None = None,
+                           forms: CpuForms = CpuForms()) -> jax.Array:
     """The kernel gradient of the strided convolution as patches of x times the output's
     gradient, summed over chunks of the batch in a loop.
 
-    A chunk's patches take at most `KERNEL_GRAD_CHUNK_BYTES` per device, or the size of the
-    kernel gradient if that is larger: adding each chunk's product to a gradient larger
-    than the chunk costs more than the cache saves. `wide_minor` keeps the sum as
+    A chunk's patches take at most `forms.kernel_grad_chunk_bytes` per device, or the size
+    of the kernel gradient if that is larger: adding each chunk's product to a gradient
+    larger than the chunk costs more than the cache saves. `wide_minor` keeps the sum as
     [out, 16C], transposed once at the end, rather than [16C, out]; by default it follows
-    `KERNEL_GRAD_WIDE_MINOR` where 16C is the wider side and the gradient fits in a chunk.
+    `forms.kernel_grad_wide_minor` where 16C is the wider side and the gradient fits in a
+    chunk.
     """
     b, _, _, c = x.shape
     h, w = grad_y.shape[1:3]
     out = grad_y.shape[-1]
     accumulator = _accumulator(x.dtype)
     gradient_bytes = kernel.size * accumulator.itemsize
-    chunk_bytes = max(KERNEL_GRAD_CHUNK_BYTES, gradient_bytes)
+    chunk_bytes = max(forms.kernel_grad_chunk_bytes, gradient_bytes)
     chunks = _batch_chunks(b, h * w * 16 * c * x.dtype.itemsize, chunk_bytes)
     xs = x.reshape(b // chunks, chunks, *x.shape[1:])
     gs = grad_y.reshape(b // chunks, chunks, *grad_y.shape[1:])
     if wide_minor is None:
-        wide_minor = (KERNEL_GRAD_WIDE_MINOR and 16 * c > out
-                      and gradient_bytes <= KERNEL_GRAD_CHUNK_BYTES)
+        wide_minor = (forms.kernel_grad_wide_minor and 16 * c > out
+                      and gradient_bytes <= forms.kernel_grad_chunk_bytes)
     product = "bhwc,bhwk->ck" if wide_minor else "bhwk,bhwc->kc"
 
     def add_chunk(k, total):
@@ -210,21 +239,20 @@ def kernel_grad_by_matmuls(x: jax.Array, grad_y: jax.Array, kernel: jax.Array,
     return total.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _stride2_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _stride2_conv(x: jax.Array, kernel: jax.Array, forms: CpuForms) -> jax.Array:
     """The strided convolution in the form of this backend and width.
 
     Inputs of fewer than `FEW_CHANNELS` channels (images) go through `space_to_depth_conv`.
-    On CPUs, inputs of `PATCHES_MIN_CHANNELS` or more go through `conv_by_patches`, which
-    XLA's CPU backend runs faster than the direct form.
+    On CPUs, inputs of `forms.patches_min_channels` or more go through `conv_by_patches`,
+    which XLA's CPU backend runs faster than the direct form.
     """
     if x.shape[1] % 2 or x.shape[2] % 2:
         raise ValueError(f"A stride-2 convolution here needs an even height and width, "
                          f"got {x.shape[1]}x{x.shape[2]}")
     form = _accelerator_form(kernel)
-    if kernel.shape[2] >= PATCHES_MIN_CHANNELS:
-        # A fresh function, so that each trace reads the chunk size anew.
+    if kernel.shape[2] >= forms.patches_min_channels:
         return jax.lax.platform_dependent(
-            x, kernel, cpu=lambda x, k: conv_by_patches(x, k), default=form)
+            x, kernel, cpu=functools.partial(conv_by_patches, forms=forms), default=form)
     return form(x, kernel)
 
 
@@ -233,7 +261,7 @@ def _accelerator_form(kernel: jax.Array) -> Form:
     return space_to_depth_conv if kernel.shape[2] < FEW_CHANNELS else direct_conv
 
 
-def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array, forms: CpuForms) -> jax.Array:
     """The adjoint of `_stride2_conv(., kernel)`: G's upsampling and the input gradient of
     D's strided convolutions.
 
@@ -244,12 +272,14 @@ def _stride2_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     if kernel.shape[2] < FEW_CHANNELS:
         return conv_transpose_by_space_to_depth(x, kernel)
-    cpu = (conv_transpose_by_patches if x.shape[1] * x.shape[2] <= PATCHES_TRANSPOSE_MAX_PIXELS
+    cpu = (conv_transpose_by_patches
+           if x.shape[1] * x.shape[2] <= forms.patches_transpose_max_pixels
            else conv_transpose_by_space_to_depth)
     return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=conv_transpose_input_dilated)
 
 
-def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> jax.Array:
+def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array,
+                         forms: CpuForms) -> jax.Array:
     """The kernel gradient of `_stride2_conv(x, kernel)` given the output's gradient.
 
     On CPUs it is `kernel_grad_by_matmuls`: XLA's CPU backend runs the convolution form no
@@ -257,7 +287,7 @@ def _stride2_kernel_grad(x: jax.Array, grad_y: jax.Array, kernel: jax.Array) -> 
     kernels for it.
     """
     return jax.lax.platform_dependent(
-        x, grad_y, cpu=lambda x, g: kernel_grad_by_matmuls(x, g, kernel),
+        x, grad_y, cpu=lambda x, g: kernel_grad_by_matmuls(x, g, kernel, forms=forms),
         default=lambda x, g: kernel_grad_by_convolution(x, g, kernel))
 
 
@@ -315,30 +345,32 @@ def _accumulator(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-@jax.custom_vjp
-def downsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def downsample_conv(x: jax.Array, kernel: jax.Array,
+                    forms: CpuForms = CpuForms()) -> jax.Array:
+    """PyTorch's Conv2d(k=4, s=2, p=1) on NHWC, with an HWIO kernel, in the CPU `forms`.
 
     Its gradients are written out so that each backend takes its own form of them: the input
     gradient is the transposed convolution, the kernel gradient a patch product on CPUs.
     """
-    return _stride2_conv(x, kernel)
+    return _stride2_conv(x, kernel, forms)
 
 
-def _downsample_conv_fwd(x: jax.Array, kernel: jax.Array):
-    return _stride2_conv(x, kernel), (x, kernel)
+def _downsample_conv_fwd(x: jax.Array, kernel: jax.Array, forms: CpuForms):
+    return _stride2_conv(x, kernel, forms), (x, kernel)
 
 
-def _downsample_conv_bwd(residuals, grad_y):
+def _downsample_conv_bwd(forms: CpuForms, residuals, grad_y):
     x, kernel = residuals
-    return _stride2_conv_transpose(grad_y, kernel), _stride2_kernel_grad(x, grad_y, kernel)
+    return (_stride2_conv_transpose(grad_y, kernel, forms),
+            _stride2_kernel_grad(x, grad_y, kernel, forms))
 
 
 downsample_conv.defvjp(_downsample_conv_fwd, _downsample_conv_bwd)
 
 
-@jax.custom_vjp
-def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def upsample_conv(x: jax.Array, kernel: jax.Array, forms: CpuForms = CpuForms()) -> jax.Array:
     """PyTorch's ConvTranspose2d(k=4, s=2, p=1) on NHWC: the adjoint of `downsample_conv`
     with the same kernel (HWIO of that convolution: [4, 4, out, in] here).
 
@@ -346,16 +378,17 @@ def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kernel gradient through an input-dilated convolution, which XLA's CPU backend runs
     through a slow generic loop.
     """
-    return _stride2_conv_transpose(x, kernel)
+    return _stride2_conv_transpose(x, kernel, forms)
 
 
-def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array):
-    return _stride2_conv_transpose(x, kernel), (x, kernel)
+def _upsample_conv_fwd(x: jax.Array, kernel: jax.Array, forms: CpuForms):
+    return _stride2_conv_transpose(x, kernel, forms), (x, kernel)
 
 
-def _upsample_conv_bwd(residuals, grad_y):
+def _upsample_conv_bwd(forms: CpuForms, residuals, grad_y):
     x, kernel = residuals
-    return _stride2_conv(grad_y, kernel), _stride2_kernel_grad(grad_y, x, kernel)
+    return (_stride2_conv(grad_y, kernel, forms),
+            _stride2_kernel_grad(grad_y, x, kernel, forms))
 
 
 upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
@@ -373,12 +406,14 @@ class DownsampleConv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    forms: CpuForms | None = None  # None: this host's
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features),
                             self.param_dtype)
-        return downsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+        forms = CpuForms.of_host() if self.forms is None else self.forms
+        return downsample_conv(x.astype(self.dtype), kernel.astype(self.dtype), forms)
 
 
 class UpsampleConv(nn.Module):
@@ -393,9 +428,11 @@ class UpsampleConv(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    forms: CpuForms | None = None  # None: this host's
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (4, 4, self.features, x.shape[-1]),
                             self.param_dtype)
-        return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+        forms = CpuForms.of_host() if self.forms is None else self.forms
+        return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype), forms)

@@ -26,6 +26,7 @@ import socket
 from typing import Iterator
 
 from dcgan_jax import paths
+from dcgan_jax.errors import UserFacingError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +38,7 @@ PREVIOUS_DIR = "previous"
 LOCK_FILE = "run.lock"
 
 
-class WorkdirError(ValueError):
+class WorkdirError(UserFacingError, ValueError):
     """The workdir cannot be used: not a folder, not writable, or in use."""
 
 

@@ -4,9 +4,13 @@ import jax
 import pytest
 from absl import flags
 
+from dcgan_jax import cli
+
 from helpers import COMPILATION_CACHE
 from tiny_config import tiny_config
 
+# The command lines' process settings (JAX's classic threefry), which tests' numbers assume.
+cli.set_up_process()
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 # The in-process tests compile many small programs and run each a few times: XLA's
 # optimisations cost more than they save. Command lines started by the tests (marked slow)

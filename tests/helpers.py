@@ -96,3 +96,37 @@ def random_image_folder(folder, count: int, shape: tuple[int, ...], suffix: str 
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
             os.path.join(folder, f"{i:02d}{suffix}"))
     return folder
+
+
+# One colour a class: an image's colour tells which class it is, through any pipeline.
+CLASS_COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40))
+
+
+def coloured_class_folder(folder, per_class: int, classes: int = 3, unreadable: bool = True):
+    """A folder of class subfolders c0, c1, ... whose images are squares of the class's
+    colour (CLASS_COLOURS), of several sizes, some nested one folder deeper; with
+    `unreadable`, c1 also holds a truncated PNG. Returns the folder."""
+    import numpy as np
+    from PIL import Image
+    for label in range(classes):
+        for i in range(per_class):
+            nested = "deeper" if i % 3 == 2 else ""
+            path = os.path.join(folder, f"c{label}", nested, f"{i:02d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            pixels = np.full((36 + i, 40, 3), CLASS_COLOURS[label], np.uint8)
+            Image.fromarray(pixels).save(path)
+    if unreadable:
+        with open(os.path.join(folder, "c0", "00.png"), "rb") as f:
+            whole = f.read()
+        with open(os.path.join(folder, "c1", "broken.png"), "wb") as f:
+            f.write(whole[:60])
+    return folder
+
+
+def colour_classes(images) -> list[int]:
+    """The class of each uint8 image [N, H, W, 3] of `coloured_class_folder`, by its mean
+    colour; -1 for an image of no class's colour."""
+    import numpy as np
+    means = np.asarray(images, np.float64).reshape(len(images), -1, 3).mean(axis=1)
+    distances = np.abs(means[:, None, :] - np.array(CLASS_COLOURS)[None]).max(axis=-1)
+    return [int(d.argmin()) if d.min() <= 3 else -1 for d in distances]

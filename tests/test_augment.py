@@ -103,7 +103,7 @@ def test_every_scale_sees_the_same_augmentation(name):
     pyramid = image_pyramid(jnp.asarray(x), 3)
     got = apply(name, pyramid, params)
     expected = image_pyramid(jnp.asarray(apply(name, (x,), params)[0]), 3)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, np.asarray(e), atol=1e-5)
 
 
@@ -130,7 +130,7 @@ def test_policy_is_keyed_and_differentiable():
     first = augment.diff_augment(pyramid, policy, jax.random.PRNGKey(0))
     again = augment.diff_augment(pyramid, policy, jax.random.PRNGKey(0))
     other = augment.diff_augment(pyramid, policy, jax.random.PRNGKey(1))
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not np.array_equal(first[0], other[0])
     check_grads(lambda *p: augment.diff_augment(p, policy, jax.random.PRNGKey(0)), pyramid,
                 order=1, modes=["rev"], atol=1e-2, rtol=1e-2)

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from dcgan_jax import config as config_lib
+
 from helpers import main_args, run
 from tiny_config import tiny_config
 

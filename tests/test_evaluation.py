@@ -1,6 +1,7 @@
 """FID and KID: the network, the weights files, the metrics and the command line against
 pytorch-fid and torch-fidelity (test-only dependencies), with shared random weights."""
 
+import functools
 import os
 import re
 import types
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from dcgan_jax import parallel
-from dcgan_jax.evaluation import features, inception, metrics, weights
+from dcgan_jax.evaluation import features, metrics, weights
+
 from helpers import random_fid_weights, run
 
 torch = pytest.importorskip("torch")
@@ -178,8 +180,11 @@ def test_frechet_distance_errors():
 
 
 def test_kid_matches_torch_fidelity():
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
     rng = np.random.default_rng(1)
     fake = rng.normal(size=(300, 32)).astype(np.float32)
     real = rng.normal(0.5, 1.2, size=(250, 32)).astype(np.float32)
@@ -248,8 +253,8 @@ def test_weights_fetched_once_from_a_mirror(torch_weights, tmp_path, monkeypatch
     import threading
     _, paths = torch_weights
     monkeypatch.setattr(weights, "WEIGHTS_SHA256", weights.file_digest(paths["legacy"]))
-    handler = lambda *args: http.server.SimpleHTTPRequestHandler(
-        *args, directory=os.path.dirname(paths["legacy"]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=os.path.dirname(paths["legacy"]))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

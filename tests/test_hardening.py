@@ -8,10 +8,13 @@ import tempfile
 import time
 
 import pytest
-
-from dcgan_jax import checkpoints, parallel, step as step_lib, workdir as workdir_lib
-from helpers import REPO, main_args, run, subprocess_env
 from test_main import PROGRESS, restore_state
+
+from dcgan_jax import checkpoints, parallel
+from dcgan_jax import step as step_lib
+from dcgan_jax import workdir as workdir_lib
+
+from helpers import REPO, main_args, run, subprocess_env
 
 pytestmark = pytest.mark.slow  # every test runs command lines as processes
 
@@ -171,7 +174,7 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resum
     for path in data_files.iterdir():
         path.write_bytes(path.read_bytes()[:10])
     result = run(main_args(tmp_path, **{"train.num_steps": 8}))
-    warning = next(l for l in result.stdout.splitlines() if l.startswith("Warning:"))
+    warning = next(line for line in result.stdout.splitlines() if line.startswith("Warning:"))
     assert f"checkpoint {tmp_path}/checkpoints/6 cannot be read: OUT_OF_RANGE" in warning
     assert "<bound method" not in warning and "trying the checkpoint before it" in warning
     assert (f"Moved the unreadable checkpoint of step 6 to {tmp_path}/checkpoints_unreadable/6-"

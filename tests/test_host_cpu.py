@@ -76,3 +76,41 @@ def test_kernel_gradient_chunks_from_the_l2_cache_stay_within_the_measured_range
     assert kernel_grad_chunk_bytes(1 * mb) == 4 * mb
     assert kernel_grad_chunk_bytes(256 * kb) == 2 * mb
     assert kernel_grad_chunk_bytes(64 * mb) == 8 * mb  # a cache shared by many cores
+
+
+def test_forms_follow_the_processor_and_default_to_the_avx2_hosts():
+    from dcgan_jax.strided_conv import CpuForms
+    kb, mb = 1024, 1024**2
+    assert CpuForms.for_processor(512 * kb, avx512=False) == CpuForms()  # the AVX2 EPYC
+    xeon = CpuForms.for_processor(2 * mb, avx512=True)
+    assert (xeon.kernel_grad_chunk_bytes, xeon.kernel_grad_wide_minor) == (8 * mb, True)
+    assert CpuForms.of_host() == CpuForms.for_processor(host_cpu.l2_cache_bytes(),
+                                                        host_cpu.has_avx512())
+    assert hash(xeon) == hash(CpuForms.for_processor(2 * mb, avx512=True))  # a static arg
+
+
+def test_one_process_keeps_its_own_forms():
+    from dcgan_jax.strided_conv import CpuForms, agree_across_processes
+    other = CpuForms(kernel_grad_chunk_bytes=16 * 1024, kernel_grad_wide_minor=True)
+    assert agree_across_processes(other) == (other, None)
+    assert agree_across_processes() == (CpuForms.of_host(), None)
+
+
+def test_layers_compile_the_forms_they_are_given():
+    """Patch products in chunks of one image are loops in the compiled layer; the host's
+    forms take none at this width."""
+    import jax
+    import jax.numpy as jnp
+
+    from dcgan_jax.strided_conv import CpuForms, DownsampleConv, UpsampleConv
+    chunked = CpuForms(patches_min_channels=8, conv_chunk_bytes=1, kernel_grad_chunk_bytes=1)
+    x = jnp.ones((4, 8, 8, 16))
+
+    def loops(layer):
+        params = layer.init(jax.random.PRNGKey(0), x)
+        step = jax.jit(jax.grad(lambda p: layer.apply(p, x).sum()))
+        return step.lower(params).compile().as_text().count(" while(")
+
+    for layer in (DownsampleConv, UpsampleConv):
+        assert loops(layer(16)) == 0
+        assert loops(layer(16, forms=chunked)) > 0

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from dcgan_jax import checkpoints, parallel, step as step_lib
+from dcgan_jax import checkpoints, parallel
+from dcgan_jax import step as step_lib
+
 from helpers import REPO, main_args, random_image_folder, run, subprocess_env
 
 PROGRESS = re.compile(
@@ -46,11 +48,11 @@ def test_end_to_end_outputs(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["ema_decay"] == 0.5 and config["model"]["resolution"] == 32
 
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [2, 4, 6]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]
     for key in ("loss_d", "loss_g", "d_real", "d_fake_before", "d_fake_after", "lr_d", "lr_g",
                 "steps_per_sec", "images_per_sec", "epoch"):
-        assert all(np.isfinite(l[key]) for l in lines), key
+        assert all(np.isfinite(line[key]) for line in lines), key
     assert lines[-1]["lr_d"] == pytest.approx(2e-4)
 
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
@@ -82,7 +84,8 @@ def test_resume_matches_an_unbroken_run_and_four_devices_match_one(tmp_path):
     a, b = restore_state(unbroken, 8), restore_state(resumed, 8)
     for x, y in zip(params_of(a), params_of(b), strict=True):
         np.testing.assert_array_equal(x, y)
-    steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"]
+             for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
     run(main_args(four, **{**overrides, "train.num_steps": 4}), devices=4)
     one, many = restore_state(unbroken, 4), restore_state(four, 4)

@@ -3,6 +3,7 @@ every form of the strided convolutions."""
 
 import functools
 import hashlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,14 @@ import pytest
 from flax import linen as nn
 
 from dcgan_jax import strided_conv
-from dcgan_jax.models import (D_NORMS, Discriminator, Generator, image_pyramid, num_scales,
-                              MSG_COMBINES)
+from dcgan_jax.models import (
+    D_NORMS,
+    MSG_COMBINES,
+    Discriminator,
+    Generator,
+    image_pyramid,
+    num_scales,
+)
 
 RESOLUTIONS = (32, 64, 128, 256)
 VARIANTS = [(False, "simple")] + [(True, combine) for combine in MSG_COMBINES]
@@ -27,7 +34,7 @@ def expected_generator_params(resolution, nz, ngf, channels, msg):
     blocks = int(np.log2(resolution)) - 2
     widths = [ngf * 2 ** i for i in reversed(range(blocks))]  # 4x4 ... resolution/2
     total = nz * 16 * widths[0] + 2 * widths[0]
-    for c_in, c_out in zip(widths, widths[1:]):
+    for c_in, c_out in itertools.pairwise(widths):
         total += c_in * 16 * c_out + 2 * c_out
     total += widths[-1] * 16 * channels
     if msg:
@@ -217,7 +224,7 @@ def test_strided_layers_are_fields_that_flax_layers_can_fill(msg, norm):
     jax.tree.map(np.testing.assert_array_equal, g_vars,
                  plain_g.init(jax.random.PRNGKey(0), z, train=False))
     images = default_g.apply(g_vars, z, train=False)
-    for ours, theirs in zip(images, plain_g.apply(g_vars, z, train=False)):
+    for ours, theirs in zip(images, plain_g.apply(g_vars, z, train=False), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
     default_d = Discriminator(resolution=32, base_channels=8, msg=msg, msg_combine="cat_lin",
@@ -231,7 +238,7 @@ def test_strided_layers_are_fields_that_flax_layers_can_fill(msg, norm):
                                critic(plain_d)(d_vars, images), rtol=1e-5, atol=1e-5)
     ours = jax.grad(lambda v: critic(default_d)(v, images).sum())(d_vars)
     theirs = jax.grad(lambda v: critic(plain_d)(v, images).sum())(d_vars)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-6)
 
 
@@ -297,24 +304,23 @@ def test_upsample_conv_equals_pytorch_conv_transpose_and_autodiff(side, c_in, c_
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * jnp.arange(c_out))  # noqa: E731
     ours = jax.grad(loss(upsample_conv), argnums=(0, 1))(x, kernel)
     theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 @pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
 @pytest.mark.parametrize("channels,side", [(1, 8), (3, 16), (128, 8), (16, 16), (16, 64)])
-def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, avx512, monkeypatch):
+def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, avx512):
     """The forms a CPU takes (space-to-depth for few channels, patches times kernel for
     many, else direct), the input gradient (their adjoints) and the kernel gradient
     (patches times gradient, in the orientation an AVX2 or an AVX-512 host picks), in batch
     chunks (one image per chunk with chunk_bytes=1) or not, equal the direct convolution
     and its autodiff."""
-    from dcgan_jax.strided_conv import downsample_conv
-    monkeypatch.setattr(strided_conv, "KERNEL_GRAD_WIDE_MINOR", avx512)
-    if chunk_bytes:
-        monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", chunk_bytes)
-        monkeypatch.setattr(strided_conv, "KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
+    chunks = {"conv_chunk_bytes": chunk_bytes, "kernel_grad_chunk_bytes": chunk_bytes}
+    forms = strided_conv.CpuForms(kernel_grad_wide_minor=avx512,
+                                  **(chunks if chunk_bytes else {}))
+    downsample_conv = lambda x, k: strided_conv.downsample_conv(x, k, forms)  # noqa: E731
     x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side, channels))
     # Scaled so that outputs are of order one, where sin() does not magnify rounding.
     kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, channels, 8)) / np.sqrt(16 * channels)
@@ -325,12 +331,12 @@ def test_downsample_conv_equals_autodiff(channels, side, chunk_bytes, avx512, mo
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)) * jnp.arange(8))  # noqa: E731
     ours = jax.grad(loss(downsample_conv), argnums=(0, 1))(x, kernel)
     theirs = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 @pytest.mark.parametrize("c_in,c_out,side", [(1, 8, 8), (3, 16, 16), (9, 4, 8), (16, 8, 16)])
-def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeypatch):
+def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side):
     """Each form of the convolution, its adjoint and its kernel gradient, including those
     only GPUs and TPUs take (input-dilated transposition, convolution kernel gradient) and
     the patch products in chunks of one image, equals the direct convolution, its
@@ -356,8 +362,8 @@ def test_every_form_of_the_strided_convolution_agrees(c_in, c_out, side, monkeyp
     close(strided_conv.kernel_grad_by_convolution(x, grad_y, kernel), kernel_grad)
     for wide_minor in (False, True):
         close(strided_conv.kernel_grad_by_matmuls(x, grad_y, kernel, wide_minor), kernel_grad)
-    monkeypatch.setattr(strided_conv, "CONV_CHUNK_BYTES", 1)
-    close(strided_conv.conv_by_patches(x, kernel), direct(x, kernel))
+    one_image_chunks = strided_conv.CpuForms(conv_chunk_bytes=1)
+    close(strided_conv.conv_by_patches(x, kernel, one_image_chunks), direct(x, kernel))
 
 
 def test_patches_adjoint_is_the_transpose_of_patches():

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # every test starts processes
 
 
 def result_of(stdout: str) -> dict:
-    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -28,9 +28,9 @@ def assert_close(a: dict, b: dict, rel: float = 1e-4) -> None:
             assert a[key] == pytest.approx(b[key], rel=rel), key
 
 
-# Every objective, penalty, D normalisation and augmentation, a few at a time. The last two
-# test how results split over devices, not what XLA's optimisations make of the step (the
-# cases before them do): unoptimised, each compiles in half the time.
+# Every objective, penalty, D normalisation, augmentation and conditioning, a few at a time.
+# The last three test how results split over devices, not what XLA's optimisations make of
+# the step (the cases before them do): unoptimised, each compiles in half the time.
 UNOPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 CASES = [
     pytest.param([], None, id="ns"),
@@ -42,6 +42,8 @@ CASES = [
                  id="msg-hinge-r1-spectral-augment"),
     pytest.param(["--loss=wgan", "--gradient_penalty=wgan_gp", "--d_norm=none",
                   "--augment=translation"], UNOPTIMISED, id="wgan-gp-translation"),
+    pytest.param(["--msg", "--num_classes=10", "--g_cond=cbn", "--d_cond=projection"],
+                 UNOPTIMISED, id="msg-cbn-projection"),
 ]
 
 
@@ -75,7 +77,7 @@ def test_two_hosts_agree_with_one():
         text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     multi = result_of(outputs[0][0])
     assert multi["devices"] == 4
@@ -94,7 +96,7 @@ def run_two_hosts(args: list[str]) -> list[tuple[str, str]]:
         cwd=REPO, env=subprocess_env(devices=2), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return outputs
 

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import portpicker
 import pytest
-
-from helpers import REPO, main_args, random_fid_weights, run, subprocess_env
 from test_fid_training import eval_overrides
 from test_main import PROGRESS, params_of, restore_state
+
+from helpers import REPO, main_args, random_fid_weights, run, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def start_two_hosts(args: list[str]) -> list[subprocess.Popen]:
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [out for out, _ in outputs]
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcgan_jax import data, prepared, step as step_lib
+from dcgan_jax import data, prepared
+from dcgan_jax import step as step_lib
+
 from tiny_config import tiny_config
 
 
@@ -29,9 +31,9 @@ def folder_config(tmp_path):
                        data__cache_dir=str(tmp_path / "cache"))
 
 
-def prepare(config, lines=None, shard=prepared.Shard(), workers=0):
+def prepare(config, lines=None, shard=None, workers=0):
     source = data.open_source(config.dataset)
-    return data.prepare_shard(config, source, shard,
+    return data.prepare_shard(config, source, shard or prepared.Shard(),
                               say=(lines.append if lines is not None else lambda line: None),
                               workers=workers)
 
@@ -41,12 +43,12 @@ def test_prepared_images_equal_the_decode_path(folder_config, workers):
     lines = []
     images = prepare(folder_config, lines, workers=workers)
     source = data.open_source(folder_config.dataset)
-    readable = [path for path in source if "truncated" not in path]
-    assert images.images.shape == (len(readable), 32, 32, 3)
+    readable = [r["image"] for r in source if "truncated" not in r["image"]]
+    assert images.images.shape == (len(readable), 32, 32, 3) and images.labels is None
     for row, path in zip(images.images, readable, strict=True):
         np.testing.assert_array_equal(row, data.preprocess(path, 32, 3, "center"))
     assert images.meta["unreadable_count"] == 1
-    assert images.meta["unreadable"] == [str(source[-1])]
+    assert images.meta["unreadable"] == [source[-1]["image"]]
     assert "1 unreadable image file(s) were left out" in images.unreadable_message
     assert lines[0].startswith("Preparing 21 records into ") and "not prepared yet" in lines[0]
     again = []
@@ -60,7 +62,8 @@ def test_shards_split_the_source(folder_config):
     second = prepare(folder_config, shard=prepared.Shard(1, 2))
     assert first.path != second.path and "shard0of2" in first.path
     assert len(first.images) + len(second.images) == len(source) - 1
-    np.testing.assert_array_equal(second.images[0], data.preprocess(source[1], 32, 3, "center"))
+    np.testing.assert_array_equal(second.images[0],
+                                  data.preprocess(source[1]["image"], 32, 3, "center"))
 
 
 def test_a_changed_folder_is_prepared_again(folder_config):
@@ -94,11 +97,11 @@ def test_a_truncated_images_file_is_never_read_and_is_rebuilt(folder_config):
 
 def test_an_interrupted_or_disk_full_preparation_leaves_nothing(folder_config, tmp_path):
     config = folder_config
-    target = data.prepared_folder(config, prepared.Shard())
+    target = data.prepared_folder(config, data.open_source(config.dataset), prepared.Shard())
 
     def chunks_then(error):
         def decode(records):
-            yield np.zeros((2, 32, 32, 3), np.uint8), []
+            yield prepared.Chunk(np.zeros((2, 32, 32, 3), np.uint8), None, [])
             raise error
         return decode
 
@@ -153,8 +156,8 @@ def test_flips_are_deterministic_and_about_half():
 
 def test_a_file_rewritten_in_place_with_its_old_mtime_changes_the_fingerprint(folder_config):
     source = data.open_source(folder_config.dataset)
-    before = prepared.source_fingerprint(folder_config.dataset, source)
-    path = source[0]
+    before = source.fingerprint()
+    path = source[0]["image"]
     info = os.stat(path)
     content = open(path, "rb").read()
     with open(path, "r+b") as f:
@@ -162,14 +165,15 @@ def test_a_file_rewritten_in_place_with_its_old_mtime_changes_the_fingerprint(fo
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
-    assert prepared.source_fingerprint(folder_config.dataset, source) != before
+    assert source.fingerprint() != before
 
 
 def test_folders_left_by_gone_processes_of_this_host_are_removed(folder_config):
     """A killed preparation leaves its NAME.partial-HOST-PID folder (or NAME.stale-HOST-PID,
     the folder it was replacing): the next start removes those of processes that are gone,
     and keeps those of live processes and of other hosts, whose processes it cannot see."""
-    target = data.prepared_folder(folder_config, prepared.Shard())
+    target = data.prepared_folder(folder_config, data.open_source(folder_config.dataset),
+                                  prepared.Shard())
     finished = subprocess.Popen(["true"])
     finished.wait()
     host = socket.gethostname()

@@ -1,8 +1,10 @@
 """The README's commands, as written after its set-up line, on the tiny config.
 
-Placeholders become real things: every config file the tiny config, DIR and runs/mnist one
-trained workdir, other paths temporary ones. Commands that need the FID weights (fetched
-from the network) or minutes of timing are checked as far as that is possible offline.
+Placeholders become real things: every config file the tiny config (configs/mnist_cond.py
+the tiny config with the digits' 10 classes), DIR and runs/mnist one trained workdir,
+runs/mnist_cond a conditional one, other paths temporary ones. Commands that need the FID
+weights (fetched from the network) or minutes of timing are checked as far as that is
+possible offline.
 """
 
 import os
@@ -49,10 +51,14 @@ def as_tiny(command: str, workdir: str, scratch: str) -> list[str]:
     args = [a for a in args if a not in ("[--config.FIELD=VALUE", "...]")]
     replaced = []
     for arg in args:
+        conditional = arg == "--config=configs/mnist_cond.py"
         arg = re.sub(r"^--config=configs/\w+\.py$", "--config=tests/tiny_config.py", arg)
+        arg = re.sub(r"^--workdir=runs/mnist_cond$", f"--workdir={workdir}_cond", arg)
         arg = re.sub(r"^--workdir=(DIR|runs/mnist)$", f"--workdir={workdir}", arg)
         arg = re.sub(r"^--out=(.+)$", lambda m: f"--out={os.path.join(scratch, m[1])}", arg)
         replaced.append(arg)
+        if conditional:
+            replaced.append("--config.model.num_classes=10")
     return replaced
 
 
@@ -85,13 +91,16 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert "Traceback" not in result.stderr, f"{command}\n{result.stderr[-3000:]}"
         ran.append(command)
     assert any("dcgan_jax.main" in c for c in ran) and any("dcgan_jax.sample" in c for c in ran)
-    assert len([c for c in ran if "dcgan_jax.sample" in c]) == 7, ran
+    assert len([c for c in ran if "dcgan_jax.sample" in c]) == 11, ran
     figures = os.listdir(os.path.join(workdir, "figures"))
     for name in ("interpolate_step6_seed0_linear.png", "interpolate_step6_seed0_slerp.gif",
                  "grid_step6_seed1.png", "training.gif", "real_vs_fake_step6_seed0.png",
                  "losses.png"):
         assert name in figures, figures
     assert len(os.listdir(os.path.join(scratch, "fakes"))) == 10000
+    conditional = os.listdir(os.path.join(f"{workdir}_cond", "figures"))
+    assert any(name.startswith("classes") for name in conditional), conditional
+    assert any("_class3" in name for name in conditional), conditional
 
 
 @pytest.mark.slow

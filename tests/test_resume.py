@@ -12,11 +12,12 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from test_hardening import one_line_error
 
 from dcgan_jax import checkpoints, data, resume
 from dcgan_jax import workdir as workdir_lib
+
 from helpers import REPO, main_args, random_image_folder, run, subprocess_env, tree_digest
-from test_hardening import one_line_error
 from tiny_config import tiny_config
 
 DATASET = {"dataset": "demo:mnist", "records": 5000, "fingerprint": "f"}
@@ -25,7 +26,8 @@ DATASET = {"dataset": "demo:mnist", "records": 5000, "fingerprint": "f"}
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A real checkpoint of step 6 of the tiny config, its data position over DATASET."""
-    from dcgan_jax import parallel, prepared, step as step_lib
+    from dcgan_jax import parallel, prepared
+    from dcgan_jax import step as step_lib
     folder = tmp_path_factory.mktemp("checkpoint")
     state = step_lib.create_train_state(tiny_config(), parallel.make_mesh(), 10)
     position = prepared.BatchIterator(np.zeros((40, 32, 32, 1), np.uint8), 16, seed=0)
@@ -135,16 +137,20 @@ def test_source_identity_survives_a_copy_and_sees_a_new_or_changed_image(tmp_pat
     folder.mkdir()
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(folder / f"{i}.png")
-    identity = data.source_identity("folder:x", data.list_image_files(str(folder)))
+    def identity(path):
+        found = data.open_source(f"folder:{path}").identity()
+        return found["records"], found["fingerprint"]
+
+    original = identity(folder)
     time.sleep(0.01)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy, copy_function=shutil.copy)  # new times, same files
-    assert data.source_identity("folder:x", data.list_image_files(str(copy))) == identity
+    assert identity(copy) == original
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(copy / "1.png")
-    changed = data.source_identity("folder:x", data.list_image_files(str(copy)))
-    assert changed["records"] == 3 and changed["fingerprint"] != identity["fingerprint"]
+    records, fingerprint = identity(copy)
+    assert records == 3 and fingerprint != original[1]
     shutil.copy(copy / "0.png", copy / "3.png")
-    assert data.source_identity("folder:x", data.list_image_files(str(copy)))["records"] == 4
+    assert identity(copy)[0] == 4
 
 
 def _interrupted(args, signum, after: str | float):
@@ -226,7 +232,7 @@ def test_refused_resumes_and_stops_keep_every_byte_and_a_recipe_change_is_record
             "train.loss 'ns' -> 'hinge'") in changed.stdout
     assert f"Removing {stale}, a save that a stopped run left unfinished" in changed.stdout
     assert not stale.exists() and "Resumed from step 6" in changed.stdout
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 6, 8]
     assert rows[3]["config_changes"] == {"train.loss": ["ns", "hinge"],
                                          "train.augment": ["", "color"]}
@@ -263,7 +269,8 @@ def test_a_checkpoint_that_reads_but_does_not_fit_is_never_moved(tmp_path):
     recorded datasets); an unreadable newer checkpoint falls back to an older one."""
     import jax
 
-    from dcgan_jax import parallel, prepared, step as step_lib
+    from dcgan_jax import parallel, prepared
+    from dcgan_jax import step as step_lib
     config = tiny_config()
     mesh = parallel.make_mesh()
     state = step_lib.create_train_state(config, mesh, 10)

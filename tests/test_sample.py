@@ -1,6 +1,5 @@
 """dcgan_jax.sample on a tiny trained run: every figure, determinism, --step, errors."""
 
-import json
 import os
 import re
 import shutil
@@ -11,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcgan_jax import checkpoints, parallel, step as step_lib
+from dcgan_jax import checkpoints, parallel
+from dcgan_jax import step as step_lib
 from dcgan_jax.sample import Sampler, interpolation_path
+
 from helpers import main_args, run
 
 pytestmark = pytest.mark.slow  # every test reads a run the command line trains (workdir)
@@ -118,7 +119,7 @@ def test_interpolate_rows_run_from_key_point_to_key_point(workdir, tmp_path):
         figure = np.asarray(Image.open(tmp_path / f"walk_{method}.png"))
         assert figure.shape == ((points - 1) * side + 2, (frames + 1) * side + 2)
 
-        def tile(row, col):
+        def tile(row, col, figure=figure):
             return figure[2 + row * side:row * side + side, 2 + col * side:col * side + side]
 
         walk = sampler.generate(interpolation_path(ends, frames, method))  # as the command
@@ -151,7 +152,7 @@ def test_step_restores_that_steps_weights(workdir):
     saved = checkpoints.restore(manager, step_lib.abstract_train_state(config, mesh, 1), 2)
     at_two, latest = Sampler(str(workdir), step=2), Sampler(str(workdir))
     assert at_two.step == 2 and latest.step == 4
-    for a, b in zip(jax.tree.leaves(at_two.state.ema), jax.tree.leaves(saved.ema)):
+    for a, b in zip(jax.tree.leaves(at_two.state.ema), jax.tree.leaves(saved.ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     z = latest.latents(0, 4)
     assert not np.array_equal(at_two.generate(z), latest.generate(z))

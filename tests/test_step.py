@@ -11,6 +11,7 @@ import pytest
 
 from dcgan_jax import augment, checkpoints, parallel
 from dcgan_jax import step as step_lib
+
 from test_losses import FORMULAS
 from tiny_config import tiny_config
 
@@ -51,12 +52,12 @@ def direct_d_loss(config, state, real, smoothing):
 def test_one_step_changes_both_networks(config):
     mesh, state, real = setup(config)
     before = copy((state.g.params, state.d.params, state.g.batch_stats, state.d.batch_stats))
-    new_state, metrics = step_lib.make_train_step(config, mesh)(state, real)
+    new_state, metrics = step_lib.make_train_step(config, mesh)(state, {"image": real})
     after = copy((new_state.g.params, new_state.d.params, new_state.g.batch_stats,
                   new_state.d.batch_stats))
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=True):
         changed = [not np.array_equal(a, b)
-                   for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))]
+                   for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True)]
         assert all(changed), "every leaf of both networks and their BatchNorm stats moves"
     assert int(new_state.step) == 1
     assert set(metrics) == {"loss_d", "loss_g", "d_real", "d_fake_before", "d_fake_after"}
@@ -69,7 +70,7 @@ def test_d_loss_matches_direct_computation(smoothing):
     config = tiny_config(train__label_smoothing=smoothing)
     mesh, state, real = setup(config)
     expected, d_real, d_fake = direct_d_loss(config, state, real, smoothing)
-    _, metrics = step_lib.make_train_step(config, mesh)(state, real)
+    _, metrics = step_lib.make_train_step(config, mesh)(state, {"image": real})
     assert float(metrics["loss_d"]) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["d_real"]) == pytest.approx(d_real.mean(), rel=1e-5)
     assert float(metrics["d_fake_before"]) == pytest.approx(d_fake.mean(), rel=1e-5)
@@ -80,7 +81,7 @@ def test_label_smoothing_changes_only_the_real_target():
     for smoothing in (0.0, 0.2):
         config = tiny_config(train__label_smoothing=smoothing)
         mesh, state, real = setup(config)
-        _, metrics = step_lib.make_train_step(config, mesh)(state, real)
+        _, metrics = step_lib.make_train_step(config, mesh)(state, {"image": real})
         losses[smoothing] = jax.device_get(metrics)
     assert losses[0.2]["loss_d"] != pytest.approx(losses[0.0]["loss_d"], rel=1e-3)
     # Before the D update nothing differs between the runs.
@@ -91,18 +92,18 @@ def test_d_steps_update_d_k_times_on_their_own_batches():
     config = tiny_config(train__d_steps=3)
     mesh, state, real = setup(config)
     step = step_lib.make_train_step(config, mesh)
-    new_state, metrics = step(state, real)
+    new_state, metrics = step(state, {"image": real})
     assert int(new_state.d.step) == 3 and int(new_state.g.step) == 1
     # Each D update reads its own batch: changing only the last one changes the result.
     _, state2, _ = setup(config)
-    _, metrics2 = step(state2, real.at[2].set(-real[2]))
+    _, metrics2 = step(state2, {"image": real.at[2].set(-real[2])})
     assert float(metrics2["loss_d"]) != pytest.approx(float(metrics["loss_d"]), rel=1e-6)
     # The first of the k updates is the plain loss on real[0].
     _, state3, _ = setup(config)
     first, _, _ = direct_d_loss(config, state3, real, 0.0)
     config1 = tiny_config()
     _, state1, _ = setup(config1)
-    _, metrics1 = step_lib.make_train_step(config1, mesh)(state1, real[:1])
+    _, metrics1 = step_lib.make_train_step(config1, mesh)(state1, {"image": real[:1]})
     assert float(metrics1["loss_d"]) == pytest.approx(first, rel=1e-5)
 
 
@@ -113,10 +114,11 @@ def test_ema_follows_formula():
     ema = copy(state.ema["params"])
     for i in range(3):  # ramped decays 1/10, 2/11, 3/12, all below the 0.5 cap
         decay = min(0.5, (1 + i) / (10 + i))
-        state, _ = step(state, real)
+        state, _ = step(state, {"image": real})
         current = copy(state.g.params)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, current)
-        for got, want in zip(jax.tree.leaves(copy(state.ema["params"])), jax.tree.leaves(ema)):
+        ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, current)
+        for got, want in zip(jax.tree.leaves(copy(state.ema["params"])), jax.tree.leaves(ema),
+                             strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert float(step_lib.ema_decay_at(0.999, 10**6)) == pytest.approx(0.999)
 
@@ -128,13 +130,13 @@ def test_ema_generator_keeps_its_own_batchnorm_statistics():
     ema_before = copy(state.ema)
     z = step_lib.latent_batch(state.rng, state.step, 0, config.train.batch_size,
                               config.model.nz)
-    state, _ = step_lib.make_train_step(config, mesh)(state, real)
+    state, _ = step_lib.make_train_step(config, mesh)(state, {"image": real})
     # The running statistics move as one train-mode pass of the averaged weights on z.
     _, expected = generator.apply({"params": state.ema["params"],
                                    "batch_stats": ema_before["batch_stats"]}, z, train=True,
                                   mutable=["batch_stats"])
     for got, want in zip(jax.tree.leaves(copy(state.ema["batch_stats"])),
-                         jax.tree.leaves(copy(expected["batch_stats"]))):
+                         jax.tree.leaves(copy(expected["batch_stats"])), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -146,10 +148,10 @@ def test_no_ema_state_when_disabled(config):
 def test_uint8_batches_are_scaled_on_device(config):
     mesh, state, real = setup(config)
     as_uint8 = jnp.round((real + 1) * 127.5).astype(jnp.uint8)
-    _, from_uint8 = step_lib.make_train_step(config, mesh)(state, as_uint8)
+    _, from_uint8 = step_lib.make_train_step(config, mesh)(state, {"image": as_uint8})
     _, state, _ = setup(config)
     rescaled = as_uint8.astype(jnp.float32) / 127.5 - 1
-    _, from_float = step_lib.make_train_step(config, mesh)(state, rescaled)
+    _, from_float = step_lib.make_train_step(config, mesh)(state, {"image": rescaled})
     assert float(from_uint8["loss_d"]) == pytest.approx(float(from_float["loss_d"]), rel=1e-6)
 
 
@@ -187,7 +189,7 @@ def test_bfloat16_keeps_float32_state_and_stays_close():
         for i in range(4):
             real = jax.random.uniform(jax.random.PRNGKey(100 + i), (1, 16, 32, 32, 1),
                                       minval=-1.0, maxval=1.0)
-            state, metrics = train_step(state, real)
+            state, metrics = train_step(state, {"image": real})
             losses.append([float(metrics[k]) for k in ("loss_d", "loss_g")])
         runs[dtype] = (copy(state), np.array(losses))
     state16, losses16 = runs["bfloat16"]
@@ -195,10 +197,11 @@ def test_bfloat16_keeps_float32_state_and_stays_close():
     for leaf in jax.tree.leaves((state16.g, state16.d)):
         assert leaf.dtype in (np.float32, np.int32), leaf.dtype
     np.testing.assert_allclose(losses16, losses32, atol=0.05)
-    for new16, new32 in zip(jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params)):
+    for new16, new32 in zip(jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params),
+                            strict=True):
         assert np.abs(new16 - new32).max() <= 0.02 * np.abs(new32).max() + 1e-3
     assert not all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params))), \
+        jax.tree.leaves(state16.g.params), jax.tree.leaves(state32.g.params), strict=True)), \
         "bfloat16 must actually change the arithmetic"
 
 
@@ -235,7 +238,7 @@ def todays_step(state, real, config):
         z = step_lib.latent_batch(state.rng, state.step, i, batch, config.model.nz)
         if i == t.d_steps - 1:
             fake, g_pullback, g_stats = jax.vjp(
-                lambda p: generate(p, g_stats, z), state.g.params, has_aux=True)
+                functools.partial(generate, g_stats=g_stats, z=z), state.g.params, has_aux=True)
         else:
             fake, g_stats = generate(state.g.params, g_stats, z)
         grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
@@ -253,7 +256,7 @@ def todays_step(state, real, config):
     (g_grads,) = g_pullback(fake_grads)
     g = state.g.apply_gradients(grads=g_grads, batch_stats=g_stats)
     d = d.replace(batch_stats=d_stats)
-    loss_d, d_real, d_fake = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics))
+    loss_d, d_real, d_fake = (jnp.mean(jnp.stack(v)) for v in zip(*d_metrics, strict=True))
     metrics = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real,
                "d_fake_before": d_fake, "d_fake_after": d_fake_after}
     return state.replace(g=g, d=d, step=state.step + 1), metrics
@@ -267,7 +270,7 @@ def test_ns_trains_bit_for_bit_as_before():
     new_step = jax.jit(functools.partial(step_lib.train_step, config=config))
     old_step = jax.jit(functools.partial(todays_step, config=config))
     for _ in range(3):
-        ours, our_metrics = new_step(ours, real)
+        ours, our_metrics = new_step(ours, {"image": real})
         theirs, their_metrics = old_step(theirs, real)
     for name, value in their_metrics.items():
         assert float(our_metrics[name]) == float(value), name
@@ -308,11 +311,34 @@ def test_first_d_update_of_a_critic_matches_direct_computation():
     r, f = np.asarray(real_scores, np.float64), np.asarray(fake_scores, np.float64)
     expected = FORMULAS["wgan"][0](r, f, 0.0) + penalty
 
-    _, metrics = step_lib.make_train_step(config, mesh)(state, real)
+    _, metrics = step_lib.make_train_step(config, mesh)(state, {"image": real})
     assert float(metrics["penalty"]) == pytest.approx(penalty, rel=1e-4)
     assert float(metrics["loss_d"]) == pytest.approx(expected, rel=1e-4)
     assert float(metrics["d_real"]) == pytest.approx(r.mean(), rel=1e-4, abs=1e-6)
     assert float(metrics["d_fake_before"]) == pytest.approx(f.mean(), rel=1e-4, abs=1e-6)
+
+
+def resumed_and_unbroken(config, mesh, state, batches, folder):
+    """The state after all `batches` unbroken, and after half of them, a checkpoint in
+    `folder`, a restore and the rest."""
+    train_step = step_lib.make_train_step(config, mesh)
+    first = jax.tree.map(jnp.copy, state)  # the step donates its state
+    unbroken = state
+    for batch in batches:
+        unbroken, _ = train_step(unbroken, batch)
+    half = len(batches) // 2
+    for batch in batches[:half]:
+        first, _ = train_step(first, batch)
+    manager = checkpoints.make_manager(str(folder))
+    checkpoints.save(manager, half, first)
+    checkpoints.finish_saves(manager)
+    restored = checkpoints.restore(checkpoints.make_manager(str(folder), read_only=True),
+                                   step_lib.abstract_train_state(config, mesh, 10))
+    # Onto the first state's tree, whose optimizers compare equal, so the step compiles once.
+    resumed = jax.tree.unflatten(jax.tree.structure(first), jax.tree.leaves(restored))
+    for batch in batches[half:]:
+        resumed, _ = train_step(resumed, batch)
+    return resumed, unbroken
 
 
 def test_resume_with_augmentation_is_exact(tmp_path):
@@ -324,27 +350,13 @@ def test_resume_with_augmentation_is_exact(tmp_path):
     mesh, state, _ = setup(config)
     assert "Conv_0/kernel/u" in state.d.batch_stats["SpectralNorm_0"]
     initial_stats = jax.tree.leaves(copy(state.d.batch_stats))
-    batches = [jax.random.uniform(jax.random.PRNGKey(10 + i), (1, 16, 32, 32, 1),
-                                  minval=-1.0, maxval=1.0) for i in range(4)]
-    train_step = step_lib.make_train_step(config, mesh)
-    first = jax.tree.map(jnp.copy, state)  # the step donates its state
-    unbroken = state
-    for real in batches:
-        unbroken, _ = train_step(unbroken, real)
-    for real in batches[:2]:
-        first, _ = train_step(first, real)
-    manager = checkpoints.make_manager(str(tmp_path))
-    checkpoints.save(manager, 2, first)
-    checkpoints.finish_saves(manager)
-    restored = checkpoints.restore(checkpoints.make_manager(str(tmp_path), read_only=True),
-                                   step_lib.abstract_train_state(config, mesh, 10))
-    # Onto the first state's tree, whose optimizers compare equal, so the step compiles once.
-    resumed = jax.tree.unflatten(jax.tree.structure(first), jax.tree.leaves(restored))
-    for real in batches[2:]:
-        resumed, _ = train_step(resumed, real)
+    batches = [{"image": jax.random.uniform(jax.random.PRNGKey(10 + i), (1, 16, 32, 32, 1),
+                                            minval=-1.0, maxval=1.0)} for i in range(4)]
+    resumed, unbroken = resumed_and_unbroken(config, mesh, state, batches, tmp_path)
     assert int(resumed.step) == 4
     for got, want in zip(jax.tree.leaves(copy(resumed)), jax.tree.leaves(copy(unbroken)),
                          strict=True):
         np.testing.assert_array_equal(got, want)
     assert not any(np.array_equal(a, b) for a, b in zip(
-        initial_stats, jax.tree.leaves(copy(unbroken.d.batch_stats)))), "power iterations run"
+        initial_stats, jax.tree.leaves(copy(unbroken.d.batch_stats)), strict=True)), \
+        "power iterations run"

@@ -1,5 +1,6 @@
-"""Inception features on the device mesh: of image batches, of a generator's samples, of a
-folder, and the cached reference statistics of a training dataset.
+"""Inception features on the device mesh: of image batches, of a generator's samples (class-
+balanced, or of one class, for a conditional one), of a folder, and the cached reference
+statistics of a training dataset, of all its images or class by class.
 
 Batches are sharded over the mesh's data axis and features come back replicated, so every
 process holds all of them; with several hosts, each one passes the same full batches.
@@ -8,6 +9,7 @@ process holds all of them; with several hosts, each one passes the same full bat
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import re
@@ -17,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcgan_jax import parallel, paths, step as step_lib
+from dcgan_jax import images, parallel, paths
+from dcgan_jax import step as step_lib
 from dcgan_jax.evaluation import inception, metrics, weights
 
 # Latents of evaluation samples: fixed, so FID moves with the weights only.
@@ -76,12 +79,15 @@ class FeatureExtractor:
         """The jitted generator-to-features function of one run config."""
         key = (id(config), use_ema)
         if key not in self._sample_fns:
-            def features(variables: Any, state: step_lib.GANState,
-                         offset: jax.Array) -> jax.Array:
+            def features(variables: Any, state: step_lib.GANState, offset: jax.Array,
+                         labels: jax.Array | None) -> jax.Array:
                 indices = offset + jnp.arange(self.batch_size)
                 z = step_lib.latent_sequence(EVAL_SEED, indices, config.model.nz)
                 z = jax.lax.with_sharding_constraint(z, parallel.batch_sharded(self.mesh))
-                fake = step_lib.generate_images(state, z, config, use_ema)
+                if labels is not None:
+                    labels = jax.lax.with_sharding_constraint(
+                        labels, parallel.batch_sharded(self.mesh))
+                fake = step_lib.generate_images(state, z, config, use_ema, labels)
                 # Quantised like the PNG files `sample files` writes: both give one FID.
                 pixels = jnp.clip(jnp.rint((fake.astype(jnp.float32) + 1.0) * 127.5), 0, 255)
                 return self._net.apply(variables, inception.preprocess(pixels.astype(jnp.uint8)))
@@ -91,12 +97,18 @@ class FeatureExtractor:
         return self._sample_fns[key][1]
 
     def of_samples(self, state: step_lib.GANState, config: Any, count: int,
-                   use_ema: bool = True) -> np.ndarray:
+                   use_ema: bool = True, class_index: int | None = None) -> np.ndarray:
         """Features of `count` images from G (EMA weights when kept and `use_ema`); image i
-        is image i of `sample files --seed=0`. Images never leave the device."""
+        is image i of `sample files --seed=0` (with `--class=class_index` when given): a
+        conditional G's are class-balanced unless `class_index` names one class. Images
+        never leave the device."""
         fn = self._samples_fn(config, use_ema)
-        chunks = [parallel.fetch(fn(self.variables, state, jnp.int32(offset)))[:count - offset]
-                  for offset in range(0, count, self.batch_size)]
+        chunks = []
+        for offset in range(0, count, self.batch_size):
+            labels = images.sample_classes(np.arange(offset, offset + self.batch_size),
+                                           config.model.num_classes, class_index)
+            chunks.append(parallel.fetch(fn(self.variables, state, jnp.int32(offset),
+                                            labels))[:count - offset])
         return np.concatenate(chunks)
 
 
@@ -125,7 +137,7 @@ def folder_images(folder: str, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             arrays = list(pool.map(read, chunk))
-            for path, array in zip(chunk, arrays):
+            for path, array in zip(chunk, arrays, strict=True):
                 if array.shape != arrays[0].shape:
                     raise metrics.MetricError(
                         f"{path} is {array.shape[1]}x{array.shape[0]} but {chunk[0]} is "
@@ -135,16 +147,33 @@ def folder_images(folder: str, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def reference_cache_path(config: Any, extractor: FeatureExtractor, dataset_size: int,
-                         count: int) -> str:
-    """Where the reference statistics of this dataset, preprocessing and network live."""
+                         count: int, class_name: tuple[int, str] | None = None) -> str:
+    """Where the reference statistics of this dataset, preprocessing and network live: of
+    all `count` images, or of those of one class, `class_name` (its index and name)."""
     key = "|".join(str(x) for x in (
         STATS_VERSION, config.dataset, dataset_size, count, config.model.resolution,
-        config.model.channels, config.data.crop, extractor.dims, extractor.weights_digest))
+        config.model.channels, config.data.crop, extractor.dims, extractor.weights_digest,
+        *(class_name or ())))
     slug = re.sub(r"[^\w.-]+", "_", config.dataset).strip("_")[-60:]
-    name = (f"{slug}-{config.model.resolution}px-{count}-{extractor.dims}d-"
+    of_class = "" if class_name is None else f"-class{class_name[0]}"
+    name = (f"{slug}-{config.model.resolution}px-{count}{of_class}-{extractor.dims}d-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
     from dcgan_jax import data
     return os.path.join(data.cache_root(config.data.cache_dir), "fid_stats", name)
+
+
+def _reference_features(config: Any, source: Any, extractor: FeatureExtractor,
+                        count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the first `count` images of the evaluation order, and their labels
+    (none from an unlabelled source)."""
+    from dcgan_jax import data
+    found, labels = [], []
+    for batch in data.evaluation_batches(config, source, count, extractor.batch_size):
+        found.append(extractor.of_batches([batch["image"]]))
+        if "label" in batch:
+            labels.append(batch["label"])
+    return (np.concatenate(found) if found else np.zeros((0, extractor.dims), np.float32),
+            np.concatenate(labels) if labels else np.zeros((0,), np.int32))
 
 
 def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
@@ -154,14 +183,43 @@ def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
 
     Returns the statistics, the cache path, and whether they were just computed.
     """
-    from dcgan_jax import data
     count = min(count or len(source), len(source))
     path = reference_cache_path(config, extractor, len(source), count)
     if paths.is_file(path):
         return metrics.Statistics.load(path), path, False
-    batches = data.evaluation_batches(config, source, count, extractor.batch_size)
-    features = extractor.of_batches(batches)
-    stats = metrics.Statistics.of(features, keep_features=KID_REFERENCE_FEATURES)
+    found, _ = _reference_features(config, source, extractor, count)
+    stats = metrics.Statistics.of(found, keep_features=KID_REFERENCE_FEATURES)
     if jax.process_index() == 0:
         stats.save(path)
     return stats, path, True
+
+
+def class_reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
+                               count: int) -> tuple[list[metrics.Statistics], str, bool]:
+    """For each class of a labelled source, the statistics of its images among the `count`
+    of `reference_statistics` (intra-class FID's references): read from the cache, or
+    computed in one pass over the data and cached, a file per class.
+
+    Returns the statistics by class, the cache folder, and whether they were just computed.
+    """
+    count = min(count or len(source), len(source))
+    cache = [reference_cache_path(config, extractor, len(source), count, (label, name))
+             for label, name in enumerate(source.class_names)]
+    folder = os.path.dirname(cache[0])
+    if all(paths.is_file(path) for path in cache):
+        return [metrics.Statistics.load(path) for path in cache], folder, False
+    found, labels = _reference_features(config, source, extractor, count)
+    by_class = []
+    for label, name in enumerate(source.class_names):
+        of_class = found[labels == label]
+        if len(of_class) < 2:
+            raise metrics.MetricError(
+                f"class {label} ({name}) has {len(of_class)} image(s) among the {count:,} "
+                f"reference images of {config.dataset}; intra-class FID needs at least 2 a "
+                f"class: raise --num_reference (0 reads them all)")
+        # No features kept: intra-class scores are FID only.
+        by_class.append(dataclasses.replace(metrics.Statistics.of(of_class), features=None))
+    if jax.process_index() == 0:
+        for path, stats in zip(cache, by_class, strict=True):
+            stats.save(path)
+    return by_class, folder, True

@@ -13,13 +13,14 @@ import warnings
 import numpy as np
 
 from dcgan_jax import paths
+from dcgan_jax.errors import UserFacingError
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020  # torch-fidelity's default, so that subsets match its own
 
 
-class MetricError(ValueError):
+class MetricError(UserFacingError, ValueError):
     """Too few images, or statistics that do not match."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from dcgan_jax import paths
+from dcgan_jax.errors import UserFacingError
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -55,7 +56,7 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-class WeightsError(ValueError):
+class WeightsError(UserFacingError, ValueError):
     """The FID weights cannot be found, fetched, trusted or read."""
 
 
@@ -98,7 +99,7 @@ class _Tensor:
                              f"{_clip(shape)} and stride {_clip(stride)}")
         if 0 in shape:
             return np.zeros(shape, flat.dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        last = self.offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
         if last >= len(flat):
             raise ValueError(f"tensor {_clip(name)} (offset {self.offset}, shape {_clip(shape)}"
                              f", stride {_clip(stride)}) reaches outside its storage of "
