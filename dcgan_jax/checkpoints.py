@@ -153,7 +153,7 @@ def stale_temporaries(workdir: str) -> list[str]:
 
 # Where orbax's JSON handler keeps the item `dataset` of a checkpoint, and a bound on it.
 DATASET_FILE = os.path.join("dataset", "metadata")
-MAX_DATASET_BYTES = 1 << 16
+MAX_DATASET_BYTES = 1 << 24  # thousands of class names fit
 
 
 def saved_dataset(workdir: str, step: int) -> dict[str, Any] | None:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
     from dcgan_jax import signals
     signals.exit_on_stop_signals("dcgan_jax.evaluate")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 

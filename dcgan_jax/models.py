@@ -123,7 +123,7 @@ class Generator(nn.Module):
     dtype: Any = jnp.float32
     upsample: ModuleDef = UpsampleConv
     num_classes: int = 0
-    cond: str = "cbn"
+    cond: str = "concat"
 
     @nn.compact
     def __call__(self, z: jax.Array, labels: jax.Array | None = None,
@@ -201,7 +201,7 @@ class Discriminator(nn.Module):
     dtype: Any = jnp.float32
     downsample: ModuleDef = DownsampleConv
     num_classes: int = 0
-    cond: str = "projection"
+    cond: str = "concat"
 
     @nn.compact
     def __call__(self, pyramid: Pyramid, labels: jax.Array | None = None,

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
             print(f"Ready: {images.path} ({len(images.images):,} images{classes})")
             if message := images.unreadable_message:
                 print(f"Warning: {message}")
-    except (UserFacingError, OSError) as error:
+    except (UserFacingError, ValueError, OSError) as error:  # ValueError: a record's decode
         sys.exit(f"dcgan_jax.prepare: error: {str(error).splitlines()[0]}")
 
 

@@ -32,6 +32,8 @@ RUN_SETTING_PREFIXES = ("eval.",)
 # model.* fields that leave every array's shape as it is: another value is refused on a
 # resume, but --config.init_from can carry the weights over.
 SHAPE_KEEPING_MODEL_FIELDS = ("model.leaky_slope",)
+# How G and D take a class: nothing of an unconditional model.
+CONDITIONING_FIELDS = ("model.g_cond", "model.d_cond")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,9 @@ def plan(config: Any, workdir: str, dataset: dict[str, Any], start_over: bool,
         old = saved.get(name)
         if old == value:
             continue
+        if name in CONDITIONING_FIELDS and not config.model.num_classes and not saved.get(
+                "model.num_classes"):
+            continue  # an unconditional model builds neither
         if name.startswith("model."):
             refused.append(f"config.{name}={value!r} differs from {old!r}")
             weights_carry_over &= name in SHAPE_KEEPING_MODEL_FIELDS

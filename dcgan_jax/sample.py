@@ -36,7 +36,6 @@ from typing import Callable
 if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
     from dcgan_jax import signals
     signals.exit_on_stop_signals("dcgan_jax.sample")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import imageio.v3 as iio  # noqa: E402
 import jax  # noqa: E402

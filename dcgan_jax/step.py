@@ -169,14 +169,6 @@ def label_batch(rng: jax.Array, step: jax.Array, index: int, batch: int,
                               num_classes, jnp.int32)
 
 
-def label_sequence(seed: int | jax.Array, indices: jax.Array, num_classes: int) -> jax.Array:
-    """Classes of `indices` in the sequence `seed` names, uniform over the classes and, as
-    `latent_sequence`, the same whatever batch an index is drawn in."""
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), LABEL_STREAM)
-    return jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0,
-                                                 num_classes, jnp.int32))(indices)
-
-
 def random_flips(images: jax.Array, rng: jax.Array, step: jax.Array) -> jax.Array:
     """Each image [..., H, W, C] mirrored left-right with probability 1/2, a pure function of
     (rng, step, index): runs on any device count, and resumed runs, flip alike."""

@@ -62,10 +62,11 @@ def fid_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory, fid_weights):
-    """(workdir, config, state) of a 10-class model of the demo digits."""
+    """(workdir, config, state) of a 10-class model of the demo digits (with class-conditional
+    BatchNorm, whose gains `save_run` spreads so that classes differ visibly)."""
     workdir = tmp_path_factory.mktemp("conditional")
     config = tiny_config(
-        model__num_classes=CLASSES, eval__fid_weights=fid_weights,
+        model__num_classes=CLASSES, model__g_cond="cbn", eval__fid_weights=fid_weights,
         eval__allow_unknown_weights=True, eval__dims=64, eval__num_samples=20,
         eval__num_reference=100, eval__batch_size=10, eval__kid_subsets=5,
         eval__kid_subset_size=10, data__cache_dir=str(workdir / "cache"))

@@ -204,3 +204,23 @@ def test_a_resume_over_other_classes_is_refused_and_keeps_the_run(tmp_path):
     assert "has the classes [c0, c1, c9], and its checkpoints were trained on [c0, c1, c2]" \
         in message
     assert tree_digest(workdir) == before
+
+
+def test_checkpoints_of_the_commit_before_labels_resume(tmp_path, capsys):
+    """A run saved by a4bd2ed (tiny config, 3 steps, tests/data/run_a4bd2ed) resumes here:
+    the same trees, the same data position and record of its dataset."""
+    import shutil
+
+    from dcgan_jax import config as config_lib
+    from dcgan_jax import train
+
+    from tiny_config import TEST_CACHE
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "run_a4bd2ed"), workdir)
+    config = config_lib.from_json((workdir / "config.json").read_text())
+    config.data.cache_dir = TEST_CACHE
+    config.train.num_steps = 4
+    state = train.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    assert "Resumed from step 3" in out and "Changed since" not in out
+    assert int(state.step) == 4

@@ -209,7 +209,13 @@ class TfdsSource(Source):
         example = self.examples[index]
         if not self.label_key:
             return {"image": example["image"]}
-        return {"image": example["image"], "label": int(example[self.label_key])}
+        label = int(example[self.label_key])
+        if not 0 <= label < self.num_classes:  # tfds marks unlabelled examples -1
+            raise DataError(f"config.dataset={self.dataset!r}: record {index} has "
+                            f"{self.label_key}={label}, outside its {self.num_classes} classes; "
+                            f"train an unconditional GAN (config.model.num_classes=0) on it, "
+                            f"or pick a labelled split")
+        return {"image": example["image"], "label": label}
 
     def _name(self) -> str:
         return f"{self.examples.dataset_info.full_name}\t{self.examples.split}"

@@ -67,7 +67,7 @@ class IntraClassEvaluator:
     def __init__(self, config: Any, mesh: jax.sharding.Mesh, source: data.Source):
         classes = config.model.num_classes
         if not classes:
-            raise ValueError("intra-class FID needs a class-conditional model")
+            raise metrics.MetricError("intra-class FID needs a class-conditional model")
         if source.num_classes != classes:
             raise data.DataError(
                 f"config.dataset={config.dataset!r} has {source.num_classes} classes but the "
