@@ -170,6 +170,15 @@ def saved_dataset(workdir: str, step: int) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def class_names(workdir: str, step: int, num_classes: int) -> tuple[str, ...]:
+    """The names of a conditional run's classes, as checkpoint `step` recorded them; their
+    indices for checkpoints saved before the record held names."""
+    names = (saved_dataset(workdir, step) or {}).get("classes")
+    if isinstance(names, list) and len(names) == num_classes:
+        return tuple(str(name) for name in names)
+    return tuple(str(label) for label in range(num_classes))
+
+
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'g/params/Dense_0/kernel' -> shape, for a state, its abstract form or its metadata."""
     def name(key: Any) -> str:

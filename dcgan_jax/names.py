@@ -32,3 +32,6 @@ PREPARED_MODES = ("auto", "off")
 
 # Inception features FID can use (evaluation.inception.BLOCK_BY_DIMS).
 FID_DIMS = (64, 192, 768, 2048)
+
+# What `python -m dcgan_jax.export` writes (exporters.FILES).
+EXPORT_FORMATS = ("stablehlo", "onnx", "savedmodel", "safetensors")

@@ -11,16 +11,22 @@ Modes:
                 to class B (and on) at one latent instead
   classes       a class-conditional run's classes, a row each, over --cols latents (the
                 same in every row); the class names are printed in row order
+  truncation    --rows images of the seed, a row each, untruncated in the first column and
+                then truncated at each of --truncations; the columns' values are printed
   gif           the run's samples/step_*.png as an animated GIF of training
   real_vs_fake  real training images beside samples (reads the dataset)
   plot          losses and D outputs over steps from metrics.jsonl
   fid           FID (and KID) over steps from the evaluations in metrics.jsonl (a run
                 trained with --config.eval.every > 0)
   summary       parameter tables of G and D
-The averaged (EMA) generator is used when the run has one, unless --no_ema is given.
+The averaged (EMA) generator is used when the run has one, unless --no_ema is given; it
+computes in float32 whatever the training dtype.
 A class-conditional run's grid, files, interpolation key points and real_vs_fake samples are
 class-balanced, image i of class i mod num_classes (as in training's sample grids), or all
 of class K with --class=K.
+--truncation=T (grid, files, interpolate, classes, real_vs_fake) is BigGAN's truncation
+trick: latent entries beyond |T| are redrawn within [-T, T], trading diversity for fidelity;
+entries within |T| are kept, so image i of a seed stays comparable across T.
 GIFs narrower than 256 pixels are enlarged by a whole factor, nearest neighbour.
 """
 
@@ -31,7 +37,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
     from dcgan_jax import signals
@@ -50,10 +56,18 @@ from dcgan_jax import workdir as workdir_lib  # noqa: E402
 from dcgan_jax.errors import UserFacingError  # noqa: E402
 from dcgan_jax.losses import D_OUTPUT_NAMES, PROBABILITY  # noqa: E402
 
-MODES = ("grid", "files", "interpolate", "classes", "gif", "real_vs_fake", "plot", "fid",
-         "summary")
+MODES = ("grid", "files", "interpolate", "classes", "truncation", "gif", "real_vs_fake", "plot",
+         "fid", "summary")
 # The modes that draw images of given classes, and so take --class.
 CLASS_MODES = ("grid", "files", "interpolate", "real_vs_fake")
+# The modes that draw latents, and so take --truncation (the truncation mode has its own).
+LATENT_MODES = ("grid", "files", "interpolate", "classes", "real_vs_fake")
+# The truncation figure's columns after the untruncated one: from hardly any effect to little
+# diversity left.
+DEFAULT_TRUNCATIONS = (2.0, 1.5, 1.0, 0.7, 0.5, 0.3)
+# Folded into image i's key (step.latent_sequence's) to draw what replaces its latent's entries
+# beyond a truncation: a stream apart from the latent's own draw.
+TRUNCATION_STREAM = 2**31 - 1
 # Class names listed in an error about a class number, when there are no more of them.
 LISTED_CLASSES = 20
 
@@ -75,8 +89,33 @@ flags.DEFINE_integer("class", None, "A class-conditional run's class K: all imag
                      f"{', '.join(CLASS_MODES)} are of class K (class-balanced without it).")
 flags.DEFINE_list("between_classes", None, "interpolate of a class-conditional run: from "
                   "class A to class B (and on) at one latent, e.g. --between_classes=3,5.")
+flags.DEFINE_float("truncation", None, "Truncation trick (T > 0): latent entries beyond |T| "
+                   f"are redrawn within [-T, T], in {', '.join(LATENT_MODES)}.")
+flags.DEFINE_list("truncations", None, "The truncation mode's values of T, one column each "
+                  f"after the untruncated one; {','.join(map(str, DEFAULT_TRUNCATIONS))} "
+                  "without it.")
 FLAGS = flags.FLAGS
 _latent_sequence = jax.jit(step_lib.latent_sequence, static_argnums=2)
+
+
+def truncate_latents(z: jax.Array, seed: int | jax.Array, indices: jax.Array,
+                     truncation: float | jax.Array) -> jax.Array:
+    """Latents `z`, `indices` of the seed (`step.latent_sequence`), brought within
+    [-truncation, truncation] by BigGAN's truncation trick: entries within it are kept, so
+    image i stays comparable across truncations, and those beyond it are redrawn from the
+    normal truncated there, keyed by (seed, i) alone, so that neither batch nor offset
+    changes them."""
+    key = jax.random.PRNGKey(seed)
+
+    def redraw(i: jax.Array) -> jax.Array:
+        image_key = jax.random.fold_in(jax.random.fold_in(key, i), TRUNCATION_STREAM)
+        return jax.random.truncated_normal(image_key, -truncation, truncation, z.shape[1:],
+                                           z.dtype)
+
+    return jnp.where(jnp.abs(z) <= truncation, z, jax.vmap(redraw)(indices))
+
+
+_truncate_latents = jax.jit(truncate_latents)
 
 
 class SampleError(UserFacingError, ValueError):
@@ -96,20 +135,24 @@ class Sampler:
         self.state = checkpoints.restore(manager, abstract, step)
         self.step = int(parallel.fetch(self.state.step))
         self.use_ema = use_ema and self.state.ema is not None
+        # In float32 whatever the training dtype, as exports compute: a bfloat16 run's
+        # samples, files and exported generators agree image for image.
         self._generate = jax.jit(functools.partial(
-            step_lib.generate_images, config=self.config, use_ema=self.use_ema))
+            step_lib.generate_images, config=self.config, use_ema=self.use_ema,
+            dtype=jnp.float32))
         self.num_classes = self.config.model.num_classes
-        # Checkpoints saved before the dataset record held class names show the indices.
-        names = (checkpoints.saved_dataset(workdir, self.step) or {}).get("classes")
-        self.class_names = (tuple(names) if isinstance(names, list)
-                            and len(names) == self.num_classes
-                            else tuple(str(label) for label in range(self.num_classes)))
+        self.class_names = checkpoints.class_names(workdir, self.step, self.num_classes)
 
-    def latents(self, seed: int, count: int, offset: int = 0) -> np.ndarray:
+    def latents(self, seed: int, count: int, offset: int = 0,
+                truncation: float | None = None) -> np.ndarray:
         """Latents `offset` to `offset + count` of the sequence that `seed` defines: image i
-        of a seed is the same whatever the batch it is generated in."""
-        return np.asarray(_latent_sequence(seed, jnp.arange(offset, offset + count),
-                                           self.config.model.nz))
+        of a seed is the same whatever the batch it is generated in; truncated to
+        [-truncation, truncation] when given (`truncate_latents`)."""
+        indices = jnp.arange(offset, offset + count)
+        z = _latent_sequence(seed, indices, self.config.model.nz)
+        if truncation is not None:
+            z = _truncate_latents(z, seed, indices, truncation)
+        return np.asarray(z)
 
     def classes(self, count: int, offset: int = 0,
                 class_index: int | None = None) -> np.ndarray | None:
@@ -192,24 +235,37 @@ def output_path(workdir: str, default_name: str) -> str:
 
 
 def make_grid_figure(sampler: Sampler, seed: int, rows: int, cols: int,
-                     class_index: int | None = None) -> np.ndarray:
+                     class_index: int | None = None,
+                     truncation: float | None = None) -> np.ndarray:
     count = rows * cols
     return images.make_grid(sampler.generate(
-        sampler.latents(seed, count), labels=sampler.classes(count, class_index=class_index)),
-        rows)
+        sampler.latents(seed, count, truncation=truncation),
+        labels=sampler.classes(count, class_index=class_index)), rows)
 
 
-def make_classes_figure(sampler: Sampler, seed: int, cols: int) -> np.ndarray:
+def make_classes_figure(sampler: Sampler, seed: int, cols: int,
+                        truncation: float | None = None) -> np.ndarray:
     """A row per class in class order, column j of latent j of the seed in every row: a
     column shows one latent across the classes."""
-    z = sampler.latents(seed, cols)
+    z = sampler.latents(seed, cols, truncation=truncation)
     rows = [sampler.generate(z, labels=np.full(cols, label, np.int32))
             for label in range(sampler.num_classes)]  # a row at a time: one compilation
     return images.make_grid(np.concatenate(rows), sampler.num_classes)
 
 
+def make_truncation_figure(sampler: Sampler, seed: int, rows: int,
+                           truncations: Sequence[float]) -> np.ndarray:
+    """Row i image i of the seed (class-balanced), untruncated in the first column and then
+    at each of `truncations`: a row shows what each truncation trades for fidelity."""
+    labels = sampler.classes(rows)
+    columns = [sampler.generate(sampler.latents(seed, rows, truncation=truncation),
+                                labels=labels)
+               for truncation in (None, *truncations)]  # a column at a time: one compilation
+    return images.make_grid(np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:]), rows)
+
+
 def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: int,
-                class_index: int | None = None) -> None:
+                class_index: int | None = None, truncation: float | None = None) -> None:
     from tqdm import tqdm
     devices = jax.device_count()
     batch_size = -(-batch_size // devices) * devices
@@ -217,7 +273,8 @@ def write_files(sampler: Sampler, folder: str, num: int, seed: int, batch_size: 
     with tqdm(total=num, unit="img", desc=f"writing {folder}") as progress:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
-            z = sampler.latents(seed, batch_size, offset=start)  # full batches: one compile
+            # Full batches: one compilation.
+            z = sampler.latents(seed, batch_size, offset=start, truncation=truncation)
             labels = sampler.classes(batch_size, offset=start, class_index=class_index)
             for i, image in enumerate(sampler.generate(z, sharded=True, labels=labels)[:count]):
                 images.save_png(os.path.join(folder, f"{start + i:06d}.png"), image)
@@ -235,12 +292,14 @@ def write_walk(walk: np.ndarray, frames: int, fps: float, name: str) -> list[str
 
 
 def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, fps: float,
-                         prefix: str, class_index: int | None = None) -> list[str]:
+                         prefix: str, class_index: int | None = None,
+                         truncation: float | None = None) -> list[str]:
     """Per method, a PNG of `points - 1` rows of `frames + 1` images and a GIF walking the
     whole path there and back; the paths of both methods pass through the same key points,
-    images 0 to points - 1 of the seed. A conditional run's path stays in class
-    `class_index`, or else moves from each key point's class to the next's too."""
-    ends = sampler.latents(seed, points)
+    images 0 to points - 1 of the seed (truncated at `truncation`). A conditional run's path
+    stays in class `class_index`, or else moves from each key point's class to the next's
+    too."""
+    ends = sampler.latents(seed, points, truncation=truncation)
     labels = path_labels(sampler.classes(points, class_index=class_index), frames,
                          sampler.num_classes)
     written = []
@@ -251,11 +310,12 @@ def write_interpolations(sampler: Sampler, seed: int, points: int, frames: int, 
 
 
 def write_class_interpolation(sampler: Sampler, seed: int, classes: list[int], frames: int,
-                              fps: float, prefix: str) -> list[str]:
+                              fps: float, prefix: str,
+                              truncation: float | None = None) -> list[str]:
     """At latent 0 of the seed, from class classes[0] to classes[1] (and on), the class
     weights moving linearly: a PNG with a row per pair of classes and a GIF."""
     labels = path_labels(np.asarray(classes, np.int32), frames, sampler.num_classes)
-    z = np.repeat(sampler.latents(seed, 1), len(labels), axis=0)
+    z = np.repeat(sampler.latents(seed, 1, truncation=truncation), len(labels), axis=0)
     return write_walk(sampler.generate(z, labels=labels), frames, fps,
                       f"{prefix}_classes_{'-'.join(map(str, classes))}")
 
@@ -273,7 +333,8 @@ def write_training_gif(workdir: str, path: str, fps: float, ema: bool) -> int:
 
 
 def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int,
-                       class_index: int | None = None) -> None:
+                       class_index: int | None = None,
+                       truncation: float | None = None) -> None:
     """Dataset images beside samples; a conditional run's real images are of the samples'
     classes, image for image."""
     import matplotlib
@@ -287,11 +348,13 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int,
     count = side * side
     real, _ = data.sample_images(config, source, count,
                                  classes=sampler.classes(count, class_index=class_index))
-    fake = make_grid_figure(sampler, seed, side, side, class_index)
+    fake = make_grid_figure(sampler, seed, side, side, class_index, truncation)
     of_class = "" if class_index is None else f", class {sampler.class_names[class_index]}"
+    truncated = "" if truncation is None else f", truncation {truncation:g}"
     figure, axes = plt.subplots(1, 2, figsize=(12, 6.4))
     for ax, grid, title in ((axes[0], images.make_grid(real, side), f"Real images{of_class}"),
-                            (axes[1], fake, f"Generated{of_class}, step {sampler.step}")):
+                            (axes[1], fake,
+                             f"Generated{of_class}{truncated}, step {sampler.step}")):
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
         ax.set_title(title)
         ax.axis("off")
@@ -409,6 +472,35 @@ def class_flags_problem(mode: str) -> str | None:
     return None
 
 
+def truncation_values() -> list[float] | None:
+    """The values of --truncations (DEFAULT_TRUNCATIONS without it); None unless they are
+    all numbers above 0."""
+    if FLAGS.truncations is None:
+        return list(DEFAULT_TRUNCATIONS)
+    try:
+        values = [float(value) for value in FLAGS.truncations]
+    except ValueError:
+        return None
+    return values if values and all(value > 0 for value in values) else None
+
+
+def truncation_flags_problem(mode: str) -> str | None:
+    """The first problem with --truncation and --truncations for `mode`, or None."""
+    truncation = FLAGS.truncation
+    if truncation is not None and mode not in LATENT_MODES:
+        its_own = "; its values are --truncations" if mode == "truncation" else ""
+        return (f"--truncation applies to {', '.join(LATENT_MODES[:-1])} and "
+                f"{LATENT_MODES[-1]}, not {mode}{its_own}")
+    if truncation is not None and not truncation > 0:  # NaN too
+        return f"--truncation={truncation:g} must be above 0"
+    if FLAGS.truncations is not None and mode != "truncation":
+        return f"--truncations applies to truncation, not {mode}"
+    if mode == "truncation" and truncation_values() is None:
+        return (f"--truncations={','.join(FLAGS.truncations)} must be numbers above 0 "
+                f"separated by commas, e.g. --truncations=1,0.5")
+    return None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in MODES:
         sys.exit(f"dcgan_jax.sample: error: give one mode of {', '.join(MODES)} "
@@ -424,7 +516,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.points < 2:
         sys.exit(f"dcgan_jax.sample: error: --points={FLAGS.points} must be at least 2")
     mode, workdir = argv[1], FLAGS.workdir
-    if problem := class_flags_problem(mode):
+    if problem := class_flags_problem(mode) or truncation_flags_problem(mode):
         sys.exit(f"dcgan_jax.sample: error: {problem}")
     try:
         run_mode(mode, workdir, not FLAGS.no_ema, FLAGS["class"].value, between_classes())
@@ -457,8 +549,10 @@ def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
     if mode == "classes" and not sampler.num_classes:
         raise SampleError("the classes mode shows a class-conditional run's classes, and this "
                           "run's model is unconditional (config.model.num_classes=0)")
+    truncation = FLAGS.truncation
     tag = (f"step{sampler.step}{'_ema' if sampler.use_ema else ''}_seed{FLAGS.seed}"
-           f"{'' if class_index is None else f'_class{class_index}'}")
+           f"{'' if class_index is None else f'_class{class_index}'}"
+           f"{'' if truncation is None else f'_trunc{truncation:g}'}")
     if mode == "summary":
         from dcgan_jax import reporting
         print(f"{workdir}, step {sampler.step}",
@@ -466,7 +560,8 @@ def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
               reporting.parameter_table("Discriminator", sampler.state.d.params), sep="\n")
     elif mode == "files":
         folder = FLAGS.out or os.path.join(workdir, workdir_lib.FIGURES_DIR, f"files_{tag}")
-        write_files(sampler, folder, FLAGS.num, FLAGS.seed, FLAGS.batch_size, class_index)
+        write_files(sampler, folder, FLAGS.num, FLAGS.seed, FLAGS.batch_size, class_index,
+                    truncation)
         if class_index is not None:
             print(f"{folder}: {FLAGS.num} images of class {class_index} "
                   f"({sampler.class_names[class_index]})")
@@ -478,25 +573,33 @@ def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
     elif mode == "grid":
         path = output_path(workdir, f"grid_{tag}.png")
         images.save_png(path, make_grid_figure(sampler, FLAGS.seed, FLAGS.rows, FLAGS.cols,
-                                               class_index))
+                                               class_index, truncation))
         print(path)
     elif mode == "classes":
         path = output_path(workdir, f"classes_{tag}.png")
-        images.save_png(path, make_classes_figure(sampler, FLAGS.seed, FLAGS.cols))
+        images.save_png(path, make_classes_figure(sampler, FLAGS.seed, FLAGS.cols, truncation))
         print(path)
         for label, name in enumerate(sampler.class_names):
             print(f"row {label}: {name}")
+    elif mode == "truncation":
+        path = output_path(workdir, f"truncation_{tag}.png")
+        values = truncation_values()
+        images.save_png(path, make_truncation_figure(sampler, FLAGS.seed, FLAGS.rows, values))
+        print(path)
+        print("column 0: untruncated")
+        for column, value in enumerate(values, 1):
+            print(f"column {column}: truncation {value:g}")
     elif mode == "interpolate":
         prefix = output_path(workdir, f"interpolate_{tag}")
         prefix = prefix[:-4] if prefix.endswith((".png", ".gif")) else prefix
         written = (write_class_interpolation(sampler, FLAGS.seed, between, FLAGS.frames,
-                                             FLAGS.fps, prefix) if between else
+                                             FLAGS.fps, prefix, truncation) if between else
                    write_interpolations(sampler, FLAGS.seed, FLAGS.points, FLAGS.frames,
-                                        FLAGS.fps, prefix, class_index))
+                                        FLAGS.fps, prefix, class_index, truncation))
         print("\n".join(written))
     elif mode == "real_vs_fake":
         path = output_path(workdir, f"real_vs_fake_{tag}.png")
-        write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows, class_index)
+        write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows, class_index, truncation)
         print(path)
 
 

@@ -27,7 +27,12 @@ from jax.sharding import Mesh
 
 from dcgan_jax import augment, losses, models, parallel
 from dcgan_jax.models import Pyramid, image_pyramid, num_scales
-from dcgan_jax.strided_conv import DownsampleConv, UpsampleConv
+from dcgan_jax.strided_conv import (
+    DownsampleConv,
+    PortableDownsampleConv,
+    PortableUpsampleConv,
+    UpsampleConv,
+)
 
 Metrics = dict[str, jax.Array]
 Batch = dict[str, jax.Array]
@@ -55,15 +60,21 @@ class GANState:
     step: jax.Array
 
 
-def build_models(config: Any, conv_forms: Any = None) -> tuple[Any, Any]:
-    """G and D of config.model.family (models.FAMILIES), their strided convolutions in
-    `conv_forms` (strided_conv's CPU forms; None: this host's)."""
+def build_models(config: Any, conv_forms: Any = None, *, dtype: Any = None,
+                 portable: bool = False) -> tuple[Any, Any]:
+    """G and D of config.model.family (models.FAMILIES), computing in `dtype` (None:
+    config.dtype), their strided convolutions in `conv_forms` (strided_conv's CPU forms;
+    None: this host's), or in flax's plain layers when `portable` (for exports: the same
+    parameters and images, and no host-tuned forms inside)."""
     upsample, downsample = UpsampleConv, DownsampleConv
-    if conv_forms is not None:
+    if portable:
+        upsample, downsample = PortableUpsampleConv, PortableDownsampleConv
+    elif conv_forms is not None:
         upsample = functools.partial(UpsampleConv, forms=conv_forms)
         downsample = functools.partial(DownsampleConv, forms=conv_forms)
-    return models.FAMILIES[config.model.family](config.model, jnp.dtype(config.dtype),
-                                                upsample=upsample, downsample=downsample)
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    return models.FAMILIES[config.model.family](config.model, dtype, upsample=upsample,
+                                                downsample=downsample)
 
 
 def class_labels(config: Any, batch: int) -> jax.Array | None:
@@ -327,10 +338,11 @@ def all_finite(state: GANState) -> jax.Array:
 
 
 def generate_images(state: GANState, z: jax.Array, config: Any, use_ema: bool = True,
-                    labels: jax.Array | None = None) -> jax.Array:
+                    labels: jax.Array | None = None, dtype: Any = None) -> jax.Array:
     """Full-resolution images from G in inference mode (EMA weights when kept), of the
-    classes `labels` where the model is conditional."""
-    generator, _ = build_models(config)
+    classes `labels` where the model is conditional, computed in `dtype` (None:
+    config.dtype, as in training)."""
+    generator, _ = build_models(config, dtype=dtype)
     variables = (state.ema if use_ema and state.ema is not None
                  else {"params": state.g.params, "batch_stats": state.g.batch_stats})
     return generator.apply(variables, z, labels, train=False)[0]

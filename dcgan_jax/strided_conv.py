@@ -436,3 +436,11 @@ class UpsampleConv(nn.Module):
                             self.param_dtype)
         forms = CpuForms.of_host() if self.forms is None else self.forms
         return upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype), forms)
+
+
+# flax's own layers with the kernels, and so the parameters, of DownsampleConv and
+# UpsampleConv: plain `lax` convolutions that any backend and converter reads (exports).
+PortableDownsampleConv = functools.partial(nn.Conv, kernel_size=(4, 4), strides=(2, 2),
+                                           padding=1, use_bias=False)
+PortableUpsampleConv = functools.partial(nn.ConvTranspose, kernel_size=(4, 4), strides=(2, 2),
+                                         padding=2, use_bias=False, transpose_kernel=True)

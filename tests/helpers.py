@@ -24,10 +24,10 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
 
 
 def run(args: list[str], *, devices: int = 1, timeout: float = 300, check: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs a Python command line in the repository root and captures its output; `env`
-    adds to the test environment."""
-    result = subprocess.run([sys.executable, *args], cwd=REPO,
+        env: dict[str, str] | None = None, cwd: str = REPO) -> subprocess.CompletedProcess:
+    """Runs a Python command line (in the repository root by default) and captures its
+    output; `env` adds to the test environment."""
+    result = subprocess.run([sys.executable, *args], cwd=cwd,
                             env={**subprocess_env(devices), **(env or {})},
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

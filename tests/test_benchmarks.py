@@ -80,3 +80,22 @@ def test_small_data_scores_outside_samples_per_class(torch_cdcgan_samples):
     assert 0 <= minimum <= mean <= 1, result.stdout
     assert len(per_class) == 1 + 10 and min(map(float, per_class[1:])) == minimum
     assert "judge's training digits" in result.stdout
+
+
+@pytest.mark.slow
+def test_export_speed_times_every_runtime_beside_sample():
+    """Each runtime's images are checked against sample's before they are timed; the table
+    has a row per runtime and batch size, and sample files at the largest."""
+    pytest.importorskip("onnxruntime")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/export_speed.py", "--config_name=tests/tiny_config.py",
+         "--batch_sizes=1,4", "--repeats=1", "--min_seconds=0.1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [(row[0], row[1]) for row in rows] == [
+        (name, batch) for batch in ("1", "4")
+        for name in ("sample", "stablehlo", "onnx", "savedmodel")] + [("sample files", "4")]
+    assert all(float(row[2].replace(",", "")) > 0 for row in rows)
+    assert [row[5] for row in rows if row[0] == "sample"] == ["1.00", "1.00"]

@@ -118,3 +118,54 @@ def test_earlier_projects_recipes_are_valid_configs(tmp_path, recipe):
 def test_readme_is_parsed():
     assert len(recipes()) == 5
     assert all(c.startswith(PYTHON) for c in readme_commands())
+
+
+def readme_generator_snippets() -> list[str]:
+    """The Python blocks of the README's section on the exported generator."""
+    with open(README) as f:
+        section = f.read().split("## The generator outside dcgan_jax")[1].split("\n## ")[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+# Put before a snippet: dcgan_jax and flax, though installed here, cannot be imported.
+WITHOUT_DCGAN_JAX = """
+import sys
+class _Block:
+    @staticmethod
+    def find_spec(name, *args):
+        if name.split(".")[0] in ("dcgan_jax", "flax"):
+            raise ImportError(f"{name} is not installed")
+sys.meta_path.insert(0, _Block)
+"""
+# Put after a snippet: its images, and what the process imported.
+REPORT = """
+import numpy
+numpy.save("images.npy", numpy.asarray(images))
+print("imported", sorted(m for m in sys.modules if m.split(".")[0] in ("dcgan_jax", "flax")))
+"""
+
+
+@pytest.mark.slow
+def test_readme_snippets_run_the_exported_generator_without_dcgan_jax(tmp_path):
+    import numpy as np
+
+    from dcgan_jax import exporters
+
+    from test_export import save_run
+    from tiny_config import tiny_config
+    snippets = readme_generator_snippets()
+    assert len(snippets) == 4
+    save_run(tmp_path / "run", tiny_config(train__ema_decay=0.99))
+    generator, state = exporters.restore_generator(str(tmp_path / "run"))
+    exporters.export(generator, state, list(exporters.FILES), str(tmp_path / "generator"),
+                     say=lambda line: None)
+    z = np.random.default_rng(0).standard_normal((16, generator.nz), dtype=np.float32)
+    expected = np.asarray(generator.function()(z))
+    for snippet in snippets:
+        result = run(["-c", WITHOUT_DCGAN_JAX + snippet + REPORT], cwd=str(tmp_path))
+        assert result.stdout.strip().splitlines()[-1] == "imported []", result.stdout
+        images = np.load(tmp_path / "images.npy")
+        if "check.npz" in snippet:
+            assert images.shape == (8, 32, 32, 1) and (tmp_path / "first.png").exists()
+        else:
+            np.testing.assert_allclose(images, expected, atol=1e-4, err_msg=snippet)

@@ -8,9 +8,11 @@ import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 from PIL import Image
 
 from dcgan_jax import checkpoints, parallel
+from dcgan_jax import sample as sample_lib
 from dcgan_jax import step as step_lib
 from dcgan_jax.sample import Sampler, interpolation_path
 
@@ -30,6 +32,13 @@ def workdir(tmp_path_factory):
 def sample(workdir, *args, devices=1, check=True):
     return run(["-m", "dcgan_jax.sample", *args, f"--workdir={workdir}"], devices=devices,
                check=check)
+
+
+def sample_in_process(workdir, mode, capsys, **flag_values):
+    """The command line's main, in this process: its printed lines."""
+    with flagsaver.flagsaver(workdir=str(workdir), **flag_values):
+        sample_lib.main(["dcgan_jax.sample", mode])
+    return capsys.readouterr().out.splitlines()
 
 
 def test_grid_is_reproducible_on_any_device_count(workdir, tmp_path):
@@ -190,3 +199,60 @@ def test_errors(workdir, tmp_path):
 
     bad_mode = sample(workdir, "paint", check=False)
     assert "give one mode of grid, files" in bad_mode.stderr.strip().splitlines()[-1]
+
+
+def test_truncated_latents_keep_the_entries_within_the_truncation(workdir):
+    sampler = Sampler(str(workdir))
+    untruncated = sampler.latents(seed=3, count=20)
+    today = step_lib.latent_sequence(3, np.arange(20), sampler.config.model.nz)
+    np.testing.assert_array_equal(untruncated, np.asarray(today))  # no truncation: as before
+    for truncation in (0.5, 1.0):
+        z = sampler.latents(3, 20, truncation=truncation)
+        assert z.shape == untruncated.shape and np.abs(z).max() <= truncation
+        kept = np.abs(untruncated) <= truncation
+        assert 0 < kept.mean() < 1
+        np.testing.assert_array_equal(z[kept], untruncated[kept])
+        # Latent i is a function of (seed, i) alone, whatever the batch and offset.
+        np.testing.assert_array_equal(sampler.latents(3, 5, offset=5, truncation=truncation),
+                                      z[5:10])
+
+
+def test_truncation_figure_has_a_column_per_truncation(workdir, tmp_path, capsys):
+    out, side, rows = tmp_path / "truncation.png", 34, 2  # side: 32 pixels and the padding
+    printed = sample_in_process(workdir, "truncation", capsys, seed=5, rows=rows, out=str(out))
+    values = sample_lib.DEFAULT_TRUNCATIONS
+    assert printed == [str(out), "column 0: untruncated"] + [
+        f"column {k}: truncation {value:g}" for k, value in enumerate(values, 1)]
+    figure = np.asarray(Image.open(out))
+    assert figure.shape == (rows * side + 2, (1 + len(values)) * side + 2)
+    sampler = Sampler(str(workdir))
+    for col, truncation in ((0, None), (4, values[3])):
+        column = sampler.generate(sampler.latents(5, rows, truncation=truncation))[..., 0]
+        for row in range(rows):
+            np.testing.assert_array_equal(
+                figure[2 + row * side:row * side + side, 2 + col * side:col * side + side],
+                column[row])
+
+    printed = sample_in_process(workdir, "grid", capsys, seed=5, rows=1, cols=2, out=None,
+                                truncation=0.7)
+    assert printed == [str(workdir / "figures" / "grid_step4_ema_seed5_trunc0.7.png")]
+
+
+def test_truncation_flag_errors_are_one_line(workdir, capsys):
+    def error(mode, **flag_values):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_in_process(workdir, mode, capsys, **flag_values)
+        message = str(exit_info.value.code)
+        assert "\n" not in message and message.startswith("dcgan_jax.sample: error: ")
+        return message.removeprefix("dcgan_jax.sample: error: ")
+
+    assert error("grid", truncation=-1.0) == "--truncation=-1 must be above 0"
+    assert error("files", truncation=float("nan")) == "--truncation=nan must be above 0"
+    assert error("plot", truncation=0.5) == (
+        "--truncation applies to grid, files, interpolate, classes and real_vs_fake, not plot")
+    assert error("truncation", truncation=0.5).endswith(
+        "not truncation; its values are --truncations")
+    assert error("truncation", truncations=["1", "0"]) == (
+        "--truncations=1,0 must be numbers above 0 separated by commas, e.g. "
+        "--truncations=1,0.5")
+    assert error("grid", truncations=["1"]) == "--truncations applies to truncation, not grid"
