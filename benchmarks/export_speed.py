@@ -93,7 +93,7 @@ def load_runtimes(folder: str) -> dict[str, Callable[[Inputs], np.ndarray]]:
     import onnxruntime
     session = onnxruntime.InferenceSession(path["onnx"], providers=["CPUExecutionProvider"])
 
-    tf = exporters._tensorflow()
+    tf = exporters.tensorflow_on_cpu()
     serve = tf.saved_model.load(path["savedmodel"]).signatures["serving_default"]
     return {
         "stablehlo": lambda inputs: np.asarray(call(*inputs.values())),

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is on
 from absl import app, flags, logging  # noqa: E402
 
 from dcgan_jax import cli, paths  # noqa: E402
+from dcgan_jax import workdir as workdir_lib  # noqa: E402
 from dcgan_jax.errors import UserFacingError  # noqa: E402
 from dcgan_jax.names import EXPORT_FORMATS  # noqa: E402
 
@@ -33,10 +34,7 @@ PROGRAM = "dcgan_jax.export"
 
 
 def default_out(workdir: str, step: int, ema: bool) -> str:
-    if paths.is_remote(workdir):
-        raise UserFacingError(f"--workdir={workdir} is in a bucket: give a local --out=DIR "
-                              f"for the export")
-    return os.path.join(workdir, "export", f"step{step}{'_ema' if ema else ''}")
+    return os.path.join(workdir, workdir_lib.EXPORT_DIR, f"step{step}{'_ema' if ema else ''}")
 
 
 def main(argv: list[str]) -> None:
@@ -52,6 +50,9 @@ def main(argv: list[str]) -> None:
         exporters.check_formats(FLAGS.formats)
         if FLAGS.out:
             exporters.check_output_folder(FLAGS.out)
+        elif paths.is_remote(FLAGS.workdir):
+            raise exporters.ExportError(f"--workdir={FLAGS.workdir} is in a bucket: give a "
+                                        f"local --out=DIR for the export")
         generator, state = exporters.restore_generator(FLAGS.workdir, FLAGS.step,
                                                        not FLAGS.no_ema)
         out = FLAGS.out or default_out(FLAGS.workdir, generator.step, generator.use_ema)

@@ -25,6 +25,9 @@ from dcgan_jax import models, strided_conv
 from dcgan_jax.errors import UserFacingError
 
 Path = tuple[str, ...]
+# The ONNX operator set the graph declares: ConvTranspose, BatchNormalization, Gather and the
+# activations as onnxruntime and other runtimes of the last years read them.
+OPSET = 17
 
 
 class UnknownLayerError(UserFacingError, ValueError):
@@ -222,7 +225,7 @@ LAYERS: dict[type, Emitter] = {
 
 
 def generator_model(generator: models.Generator, variables: dict, nz: int,
-                    opset: int = 17) -> onnx.ModelProto:
+                    opset: int = OPSET) -> onnx.ModelProto:
     """G in inference mode as a checked ONNX model: z [batch, nz] float32 (and, when G is
     class-conditional, label [batch] int32) -> images [batch, H, W, C] float32 in [-1, 1],
     the full-resolution images of `generator.apply(variables, z, label, train=False)`."""

@@ -135,11 +135,8 @@ class Sampler:
         self.state = checkpoints.restore(manager, abstract, step)
         self.step = int(parallel.fetch(self.state.step))
         self.use_ema = use_ema and self.state.ema is not None
-        # In float32 whatever the training dtype, as exports compute: a bfloat16 run's
-        # samples, files and exported generators agree image for image.
         self._generate = jax.jit(functools.partial(
-            step_lib.generate_images, config=self.config, use_ema=self.use_ema,
-            dtype=jnp.float32))
+            step_lib.generate_images, config=self.config, use_ema=self.use_ema))
         self.num_classes = self.config.model.num_classes
         self.class_names = checkpoints.class_names(workdir, self.step, self.num_classes)
 

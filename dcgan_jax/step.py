@@ -338,11 +338,12 @@ def all_finite(state: GANState) -> jax.Array:
 
 
 def generate_images(state: GANState, z: jax.Array, config: Any, use_ema: bool = True,
-                    labels: jax.Array | None = None, dtype: Any = None) -> jax.Array:
+                    labels: jax.Array | None = None) -> jax.Array:
     """Full-resolution images from G in inference mode (EMA weights when kept), of the
-    classes `labels` where the model is conditional, computed in `dtype` (None:
-    config.dtype, as in training)."""
-    generator, _ = build_models(config, dtype=dtype)
+    classes `labels` where the model is conditional. In float32 whatever the training dtype:
+    training's grids and FID, `sample` and the exported generators then agree image for
+    image."""
+    generator, _ = build_models(config, dtype=jnp.float32)
     variables = (state.ema if use_ema and state.ema is not None
                  else {"params": state.g.params, "batch_stats": state.g.batch_stats})
     return generator.apply(variables, z, labels, train=False)[0]

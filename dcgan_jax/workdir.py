@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 FIGURES_DIR = "figures"
+EXPORT_DIR = "export"
 CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 PREVIOUS_DIR = "previous"
@@ -132,7 +133,7 @@ def ensure_free(workdir: str) -> None:
 
 
 # What a run writes in its workdir besides the folders named above.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SAMPLES_DIR, FIGURES_DIR,
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SAMPLES_DIR, FIGURES_DIR, EXPORT_DIR,
              CHECKPOINTS_DIR, UNREADABLE_DIR)
 EVENTS_PREFIX = "events.out.tfevents."
 

@@ -132,7 +132,9 @@ def test_manifest_describes_the_files_and_the_check(exported):
     assert record["inputs"]["label"]["range"] == [0, 4]
     assert record["source"] == {"workdir": str(workdir), "step": 0, "ema": True,
                                 "trained_dtype": "float32", "exported_dtype": "float32"}
-    assert max(record["check"]["max_abs_error"].values()) <= 1e-4
+    errors = record["check"]["max_abs_error"]
+    assert errors.pop("safetensors") == "identical" and max(errors.values()) <= 1e-4
+    assert record["versions"]["onnx_opset"] == 17 and "tensorflow" in record["versions"]
     # check.npz: the first latents and classes of `sample files --seed=0`, and their images.
     check = np.load(out / exporters.CHECK_FILE)
     inputs, expected = sample_float_images(workdir, seed=0, count=8)
@@ -182,6 +184,52 @@ def test_a_stopped_export_leaves_the_folder_as_it_was(exported, tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
+@pytest.mark.slow
+def test_an_earlier_export_is_replaced_and_other_files_are_refused(exported, tmp_path,
+                                                                   monkeypatch):
+    workdir, _, _ = exported
+    generator, state = exporters.restore_generator(str(workdir))
+    out = tmp_path / "export"
+    quiet = {"say": lambda line: None}
+    exporters.export(generator, state, ["stablehlo"], str(out), **quiet)
+    second = exporters.export(generator, state, ["safetensors"], str(out), **quiet)
+    assert sorted(os.listdir(out)) == ["check.npz", "generator.json", "generator.safetensors"]
+    assert json.loads((out / exporters.MANIFEST).read_text()) == second
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(exporters.ExportError, match="holds files that are not an earlier "
+                       "export's"):
+        exporters.export(generator, state, ["safetensors"], str(out), **quiet)
+    assert (out / "notes.md").read_text() == "mine"
+    # A converter's own failure is one line naming the format, and nothing is written.
+    monkeypatch.setitem(exporters.WRITERS, "onnx", lambda generator, path: 1 / 0)
+    with pytest.raises(exporters.ExportError, match="the onnx export failed: "
+                       "ZeroDivisionError: division by zero; nothing was written"):
+        exporters.export(generator, state, ["onnx"], str(tmp_path / "new"), **quiet)
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_a_killed_export_is_undone_by_the_next(tmp_path, monkeypatch):
+    """A killed export's unfinished folder is removed and the earlier export it had moved
+    aside is put back; the folders of exports still running are left alone."""
+    dead, alive = 2**22 + 12345, os.getpid()
+    monkeypatch.setattr(exporters.os, "kill", lambda pid, signal: (
+        None if pid == alive else (_ for _ in ()).throw(ProcessLookupError())))
+    host = exporters.socket.gethostname()
+    folders = {
+        "partial_dead": f"{exporters.PARTIAL_PREFIX}{dead}+{host}+out",
+        "partial_alive": f"{exporters.PARTIAL_PREFIX}{alive}+{host}+other",
+        "partial_elsewhere": f"{exporters.PARTIAL_PREFIX}{dead}+another-host+out",
+        "replaced_dead": f"{exporters.REPLACED_PREFIX}{dead}+{host}+out",
+    }
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / folders["replaced_dead"] / exporters.MANIFEST).write_text("{}")
+    exporters._recover(str(tmp_path), str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [folders["partial_alive"], folders["partial_elsewhere"], "out"])
+    assert (tmp_path / "out" / exporters.MANIFEST).read_text() == "{}"
+
+
 def test_bad_formats_and_folders_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(exporters.ExportError, match="unknown format 'tflite'; the formats "
                        "are stablehlo,onnx,savedmodel,safetensors"):
@@ -197,7 +245,7 @@ def test_bad_formats_and_folders_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(exporters.ExportError, match="is a file; give a folder"):
         exporters.check_output_folder(str(a_file))
     (tmp_path / "other" / "x").mkdir(parents=True)
-    with pytest.raises(exporters.ExportError, match="is a folder of other files"):
+    with pytest.raises(exporters.ExportError, match="holds files that are not an earlier"):
         exporters.check_output_folder(str(tmp_path / "other"))
     exporters.check_output_folder(str(tmp_path / "new"))
 
