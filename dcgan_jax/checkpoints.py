@@ -23,6 +23,7 @@ from dcgan_jax import parallel, paths, prepared
 from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.errors import UserFacingError
+from dcgan_jax.names import HIGHER_IS_BETTER
 
 
 class CheckpointError(UserFacingError, ValueError):
@@ -53,23 +54,27 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(paths.absolute(workdir), workdir_lib.CHECKPOINTS_DIR)
 
 
-def _fid(metrics: dict[str, float]) -> float:
-    """A checkpoint's FID; one saved without an evaluation ranks last."""
-    return metrics.get("fid", math.inf)
+def ranking(metric: str) -> Callable[[dict[str, float]], float]:
+    """A checkpoint's value of `metric`, signed so that lower is better (orbax keeps the
+    lowest); one saved without an evaluation ranks last."""
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    return lambda metrics: sign * metrics.get(metric, sign * math.inf)
 
 
 def make_manager(workdir: str, keep: int = 3, read_only: bool = False,
-                 keep_best_fid: bool = False) -> ocp.CheckpointManager:
-    """Keeps the latest `keep` checkpoints and, with `keep_best_fid`, the one of the lowest
-    FID too: a GAN's best weights can come long before its last ones."""
+                 keep_best: str | None = None) -> ocp.CheckpointManager:
+    """Keeps the latest `keep` checkpoints and, with `keep_best` (a metric's name, e.g.
+    fid), the one of its best value too: a GAN's best weights can come long before its last
+    ones."""
     policies = ocp.checkpoint_managers
+    rank = ranking(keep_best) if keep_best else None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if keep_best_fid else keep,
+        max_to_keep=None if keep_best else keep,
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(keep),
-            policies.BestN(get_metric_fn=_fid, reverse=True, n=1,
-                           keep_checkpoints_without_metrics=False)]) if keep_best_fid else None,
-        best_fn=_fid if keep_best_fid else None, best_mode="min",
+            policies.BestN(get_metric_fn=rank, reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False)]) if keep_best else None,
+        best_fn=rank, best_mode="min",
         create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
@@ -119,11 +124,11 @@ def finish_saves(manager: ocp.CheckpointManager) -> None:
         raise _save_failed(manager, error) from None
 
 
-def best_fid(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
-    """(step, FID) of the best evaluated checkpoint kept, if any."""
+def best_score(manager: ocp.CheckpointManager, metric: str) -> tuple[int, float] | None:
+    """(step, value of `metric`) of the best evaluated checkpoint kept, if any."""
     step = manager.best_step()
-    fid = _fid(manager.metrics(step) or {}) if step is not None else math.inf
-    return (step, fid) if math.isfinite(fid) else None
+    value = (manager.metrics(step) or {}).get(metric, math.inf) if step is not None else math.inf
+    return (step, value) if math.isfinite(value) else None
 
 
 class IncompatibleCheckpointError(CheckpointError):

@@ -19,15 +19,18 @@ import ml_collections
 from dcgan_jax.errors import UserFacingError
 from dcgan_jax.names import (
     AUGMENTATIONS,
+    BEST_METRICS,
     D_CONDITIONINGS,
     D_NORMS,
     DTYPES,
+    EVAL_METRICS,
     FID_DIMS,
     G_CONDITIONINGS,
     GRADIENT_PENALTIES,
     LOSSES,
     LOSSES_WITH_TARGETS,
     MAX_RESOLUTION,
+    METRIC_VALUES,
     MIN_RESOLUTION,
     MODEL_FAMILIES,
     MSG_COMBINES,
@@ -158,6 +161,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.eval.allow_unknown_weights = False
     config.eval.kid_subsets = 100
     config.eval.kid_subset_size = 1000
+    # What each evaluation computes, a comma list of: fid, kid, is (the Inception Score), pr
+    # (precision and recall), dc (density and coverage), mem (the memorisation check).
+    config.eval.metrics = "fid,kid"
+    # The value whose best checkpoint is kept beside the latest ones: fid, kid, is,
+    # precision, recall, density, coverage or memorisation (higher is better for is,
+    # precision, recall, density and coverage).
+    config.eval.best_metric = "fid"
 
     # Intervals in steps. sample_every_epochs and ckpt_every_epochs give them in epochs
     # (fractions allowed) instead, when above 0. Every interval also fires at the last step.
@@ -354,6 +364,30 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
     _require(bool(e.fid_weights) or not e.allow_unknown_weights,
              "config.eval.allow_unknown_weights=True needs config.eval.fid_weights=PATH: "
              "fetched weights are always pytorch-fid's")
+    check_metrics(e.metrics, e.dims)
+    given = [value for name in eval_metrics(e.metrics) for value in METRIC_VALUES[name]]
+    _require(e.best_metric in given and e.best_metric in BEST_METRICS,
+             f"config.eval.best_metric={e.best_metric!r} must be one of the values "
+             f"config.eval.metrics={e.metrics!r} gives: "
+             f"{', '.join(v for v in given if v in BEST_METRICS)}")
+
+
+def check_metrics(text: str, dims: int, field: str = "config.eval.metrics") -> None:
+    """ConfigError naming `field` unless `text` is a comma list of names.EVAL_METRICS that
+    features of `dims` dimensions can give."""
+    wanted = eval_metrics(text)
+    unknown = [name for name in wanted if name not in EVAL_METRICS]
+    _require(bool(wanted) and not unknown,
+             f"{field}={text!r}: " + (f"unknown metric {unknown[0]!r}; " if unknown else "")
+             + f"give a comma list of {', '.join(EVAL_METRICS)}")
+    _require("is" not in wanted or dims == 2048,
+             f"{field} includes is, whose logits follow the 2048-d features, and the features "
+             f"are {dims}-d: use 2048")
+
+
+def eval_metrics(text: str) -> tuple[str, ...]:
+    """The metric names of a comma list (config.eval.metrics, evaluate's --metrics)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _validate_crop(crop: str) -> None:

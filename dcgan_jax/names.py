@@ -32,6 +32,18 @@ PREPARED_MODES = ("auto", "off")
 
 # Inception features FID can use (evaluation.inception.BLOCK_BY_DIMS).
 FID_DIMS = (64, 192, 768, 2048)
+# What config.eval.metrics (and evaluate's --metrics) can ask for, and the values each gives
+# (metrics.jsonl's and TensorBoard's names): FID, KID, the Inception Score, precision and
+# recall, density and coverage, and the memorisation check (evaluation.metrics.score).
+METRIC_VALUES = {"fid": ("fid",), "kid": ("kid", "kid_std"), "is": ("is", "is_std"),
+                 "pr": ("precision", "recall"), "dc": ("density", "coverage"),
+                 "mem": ("memorisation",)}
+EVAL_METRICS = tuple(METRIC_VALUES)
+# The values config.eval.best_metric can rank checkpoints by: higher is better for these,
+# lower for the others.
+HIGHER_IS_BETTER = ("is", "precision", "recall", "density", "coverage")
+BEST_METRICS = tuple(value for values in METRIC_VALUES.values() for value in values
+                     if not value.endswith("_std"))
 
 # What `python -m dcgan_jax.export` writes (exporters.FILES).
 EXPORT_FORMATS = ("stablehlo", "onnx", "savedmodel", "safetensors")

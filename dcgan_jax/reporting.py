@@ -22,6 +22,7 @@ from dcgan_jax import config as config_lib
 from dcgan_jax import losses, parallel, paths
 from dcgan_jax import workdir as workdir_lib
 from dcgan_jax.errors import UserFacingError
+from dcgan_jax.evaluation import metrics as metrics_lib
 
 # How often a bucket workdir receives the events and metrics.jsonl written so far.
 BUCKET_SYNC_SECONDS = 60.0
@@ -187,8 +188,9 @@ class Reporter:
             f"{steps_per_sec:.2f} step/s {values['images_per_sec']:.0f} img/s | ETA {eta}")
 
     def write_evaluation(self, step: int, values: dict[str, float], seconds: float,
-                         description: str, best: tuple[int, float] | None) -> None:
-        """An evaluation's FID and KID: TensorBoard, metrics.jsonl and one line."""
+                         description: str, best: tuple[int, float] | None,
+                         best_metric: str = "fid") -> None:
+        """An evaluation's values: TensorBoard, metrics.jsonl and one line."""
         self.exclude(seconds)
         if not self.is_writer:
             return
@@ -196,11 +198,11 @@ class Reporter:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values,
                                 "eval_seconds": seconds}) + "\n")
-        kid = (f" KID {values['kid']:.5f} ± {values['kid_std']:.5f}" if "kid" in values
-               else "")
-        best_text = f"; best FID {best[1]:.3f} at step {best[0]}" if best else ""
-        say(f"[{datetime.datetime.now():%H:%M:%S}] step {step} | FID {values['fid']:.3f}{kid} "
-            f"({description}, {seconds:.1f} s){best_text}")
+        label, value = metrics_lib.METRIC_LABELS, metrics_lib.format_value
+        best_text = (f"; best {label[best_metric]} {value(best_metric, best[1])} at step "
+                     f"{best[0]}" if best else "")
+        say(f"[{datetime.datetime.now():%H:%M:%S}] step {step} | "
+            f"{metrics_lib.evaluation_text(values)} ({description}, {seconds:.1f} s){best_text}")
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.is_writer:

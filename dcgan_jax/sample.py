@@ -15,16 +15,21 @@ Modes:
                 then truncated at each of --truncations; the columns' values are printed
   gif           the run's samples/step_*.png as an animated GIF of training
   real_vs_fake  real training images beside samples (reads the dataset)
+  nearest       memorisation check: --rows samples, each beside its --cols nearest training
+                images (4 unless given) by Inception features and by pixels, among the first
+                --num training images in evaluation order (0: all); reads the dataset and the
+                run's FID weights (config.eval), and prints the nearest distances
   plot          losses and D outputs over steps from metrics.jsonl
-  fid           FID (and KID) over steps from the evaluations in metrics.jsonl (a run
-                trained with --config.eval.every > 0)
+  fid           a panel per metric of config.eval.metrics (FID, KID, IS, precision, ...)
+                over steps from the evaluations in metrics.jsonl (a run trained with
+                --config.eval.every > 0)
   summary       parameter tables of G and D
 The averaged (EMA) generator is used when the run has one, unless --no_ema is given; it
 computes in float32 whatever the training dtype.
 A class-conditional run's grid, files, interpolation key points and real_vs_fake samples are
 class-balanced, image i of class i mod num_classes (as in training's sample grids), or all
 of class K with --class=K.
---truncation=T (grid, files, interpolate, classes, real_vs_fake) is BigGAN's truncation
+--truncation=T (grid, files, interpolate, classes, real_vs_fake, nearest) is BigGAN's truncation
 trick: latent entries beyond |T| are redrawn within [-T, T], trading diversity for fidelity;
 entries within |T| are kept, so image i of a seed stays comparable across T.
 GIFs narrower than 256 pixels are enlarged by a whole factor, nearest neighbour.
@@ -37,7 +42,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 if __name__ == "__main__":  # Before the imports below: Ctrl-C during them is one line too.
     from dcgan_jax import signals
@@ -56,12 +61,12 @@ from dcgan_jax import workdir as workdir_lib  # noqa: E402
 from dcgan_jax.errors import UserFacingError  # noqa: E402
 from dcgan_jax.losses import D_OUTPUT_NAMES, PROBABILITY  # noqa: E402
 
-MODES = ("grid", "files", "interpolate", "classes", "truncation", "gif", "real_vs_fake", "plot",
-         "fid", "summary")
+MODES = ("grid", "files", "interpolate", "classes", "truncation", "gif", "real_vs_fake", "nearest",
+         "plot", "fid", "summary")
 # The modes that draw images of given classes, and so take --class.
 CLASS_MODES = ("grid", "files", "interpolate", "real_vs_fake")
 # The modes that draw latents, and so take --truncation (the truncation mode has its own).
-LATENT_MODES = ("grid", "files", "interpolate", "classes", "real_vs_fake")
+LATENT_MODES = ("grid", "files", "interpolate", "classes", "real_vs_fake", "nearest")
 # The truncation figure's columns after the untruncated one: from hardly any effect to little
 # diversity left.
 DEFAULT_TRUNCATIONS = (2.0, 1.5, 1.0, 0.7, 0.5, 0.3)
@@ -70,14 +75,22 @@ DEFAULT_TRUNCATIONS = (2.0, 1.5, 1.0, 0.7, 0.5, 0.3)
 TRUNCATION_STREAM = 2**31 - 1
 # Class names listed in an error about a class number, when there are no more of them.
 LISTED_CLASSES = 20
+# The nearest figure's training images per space without --cols: enough to see whether a
+# sample copies one image or sits among several, few enough to stay legible.
+NEAREST_COLS = 4
+# The nearest figure's spaces, in column order: key, column title, printed name.
+NEAREST_SPACES = (("inception", "nearest (Inception)", "Inception"),
+                  ("pixels", "nearest (pixels)", "pixels"))
 
 flags.DEFINE_string("workdir", None, "The run's workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore; the latest by default.")
 flags.DEFINE_integer("seed", 0, "Seed of the latents: the same seed gives the same images.")
 flags.DEFINE_string("out", None, "Output file or folder; under WORKDIR/figures by default.")
-flags.DEFINE_integer("rows", 8, "Grid rows.")
-flags.DEFINE_integer("cols", 8, "Grid columns.")
-flags.DEFINE_integer("num", 1000, "Images for `files`.")
+flags.DEFINE_integer("rows", 8, "Grid rows; of nearest, the generated images.")
+flags.DEFINE_integer("cols", 8, "Grid columns; of nearest, the training images shown per "
+                     f"space ({NEAREST_COLS} unless given).")
+flags.DEFINE_integer("num", 1000, "Images for `files`; of nearest, the training images "
+                     "searched, the first in evaluation order (0: all).")
 flags.DEFINE_integer("batch_size", 256, "Images per generator call for `files`; rounded "
                      "up to a multiple of the device count.")
 flags.DEFINE_integer("points", 4, "Latent points an interpolation passes through.")
@@ -360,6 +373,131 @@ def write_real_vs_fake(sampler: Sampler, path: str, seed: int, side: int,
     plt.close(figure)
 
 
+def _pixel_vectors(batch: np.ndarray) -> np.ndarray:
+    """uint8 images as float32 rows in [0, 1]: the pixel space of `nearest_training_images`."""
+    return batch.reshape(len(batch), -1).astype(np.float32) / 255.0
+
+
+def _keep_nearest(best: dict[str, np.ndarray] | None, distances: np.ndarray,
+                  indices: np.ndarray, offset: int, vectors: np.ndarray, batch: np.ndarray,
+                  k: int) -> dict[str, np.ndarray]:
+    """The k nearest of the running `best` and of a batch of training images that starts at
+    `offset` in the pool (`indices` into the batch, [rows, k] each), with their vectors and
+    images; ties go to the earlier training image."""
+    found = {"distances": distances, "indices": indices + offset, "vectors": vectors[indices],
+             "images": batch[indices]}
+    if best is not None:
+        found = {key: np.concatenate([best[key], found[key]], axis=1) for key in found}
+    order = np.argsort(found["distances"], axis=1, kind="stable")[:, :k]
+    return {key: np.take_along_axis(value, order.reshape(order.shape + (1,) * (value.ndim - 2)),
+                                    axis=1) for key, value in found.items()}
+
+
+def nearest_training_images(sampler: Sampler, seed: int, rows: int, k: int, pool: int,
+                            truncation: float | None = None) -> dict[str, Any]:
+    """Images 0 to rows - 1 of the seed (class-balanced, as `grid` draws them) and, for each,
+    its k nearest among the first `pool` training images (all when 0) in evaluation order,
+    as training sees them (cropped and resized, never flipped): by Inception features (the
+    run's config.eval weights and dims) and by pixels in [0, 1], both Euclidean.
+
+    The question after a good FID on small data is whether G copied its training set: a
+    copy sits at distance about 0 in both spaces. The pool is read a batch at a time and
+    only the running nearest are kept, so any pool fits in memory.
+
+    Returns {"generated": uint8 [rows, H, W, C], "classes": int [rows] or None, "pool": the
+    training images searched, "inception" and "pixels": {"indices": [rows, k] positions in
+    the pool (unreadable files skipped), "distances": [rows, k] ascending, "images": uint8
+    [rows, k, H, W, C]}}.
+    """
+    from dcgan_jax import data
+    from dcgan_jax.evaluation import quality
+    from dcgan_jax.evaluation.evaluator import feature_extractor
+    if rows < 1 or k < 1 or pool < 0:
+        raise SampleError(f"the nearest figure needs at least one generated image and one "
+                          f"training image per space, and a pool of 0 (all) or more; got "
+                          f"rows={rows}, k={k}, pool={pool}")
+    if 0 < pool < k:
+        raise SampleError(f"--num={pool} training images cannot give --cols={k} nearest "
+                          f"ones; give --num={k} or more (0 searches them all)")
+    config = sampler.config
+    source = data.open_source(config.dataset, config.data.cache_dir, config.data.tfds_data_dir,
+                              config.data.label_key)
+    classes = sampler.classes(rows)
+    generated = sampler.generate(sampler.latents(seed, rows, truncation=truncation),
+                                 labels=classes)
+    extractor = feature_extractor(config, sampler.mesh)
+
+    def inception(batch: np.ndarray) -> np.ndarray:
+        return extractor.of_batches([batch])
+
+    spaces = {"inception": inception, "pixels": _pixel_vectors}
+    queries = {space: vectors(generated) for space, vectors in spaces.items()}
+    best: dict[str, Any] = dict.fromkeys(spaces)
+    count = min(pool or len(source), len(source))
+    searched = 0
+    for batch in data.evaluation_batches(config, source, count, extractor.batch_size):
+        pool_images = batch["image"]
+        for space, vectors in spaces.items():
+            references = vectors(pool_images)
+            distances, indices = quality.nearest_distances(
+                queries[space], references, k=min(k, len(references)))
+            best[space] = _keep_nearest(best[space], distances, indices, searched, references,
+                                        pool_images, k)
+        searched += len(pool_images)
+    if searched < k:
+        raise SampleError(f"{config.dataset} gave {searched} readable training images of the "
+                          f"{count} searched; --cols={k} nearest need at least {k}")
+    result: dict[str, Any] = {"generated": generated, "classes": classes, "pool": searched}
+    for space, found in best.items():
+        # Exact distances of the k kept (the blocked search rounds near-0 ones), re-sorted.
+        distances = np.linalg.norm(found["vectors"].astype(np.float64)
+                                   - queries[space][:, None].astype(np.float64), axis=-1)
+        order = np.argsort(distances, axis=1, kind="stable")
+        result[space] = {
+            "indices": np.take_along_axis(found["indices"], order, axis=1),
+            "distances": np.take_along_axis(distances, order, axis=1),
+            "images": np.take_along_axis(found["images"],
+                                         order.reshape(order.shape + (1, 1, 1)), axis=1)}
+    return result
+
+
+def write_nearest_figure(found: dict[str, Any], path: str, title: str,
+                         class_names: Sequence[str] = ()) -> None:
+    """One row per generated image: [generated | k nearest by Inception | k nearest by
+    pixels], three groups apart, each neighbour captioned with its pool index and distance:
+    a copy of a training image shows as the same image at about 0 in both groups."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, k = found["inception"]["indices"].shape
+    figure = plt.figure(figsize=(1.1 * (1 + 2 * k) + 1.0, 1.3 * rows + 0.9),
+                        layout="constrained")
+    figure.suptitle(title)
+    groups = figure.subfigures(1, 3, width_ratios=[1, k, k], wspace=0.08)
+    classes = found["classes"]
+    contents = [("generated", found["generated"][:, None],
+                 [[f"class {class_names[c]}" if classes is not None else ""]
+                  for c in (classes if classes is not None else range(rows))])]
+    for space, heading, _ in NEAREST_SPACES:
+        near = found[space]
+        contents.append((heading, near["images"], [
+            [f"#{i}: {d:.3g}" for i, d in zip(indices, distances, strict=True)]
+            for indices, distances in zip(near["indices"], near["distances"], strict=True)]))
+    for group, (heading, tiles, captions) in zip(groups, contents, strict=True):
+        group.suptitle(heading)
+        axes = group.subplots(rows, tiles.shape[1], squeeze=False)
+        for row in range(rows):
+            for col in range(tiles.shape[1]):
+                ax, tile = axes[row, col], tiles[row, col]
+                ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray",
+                          vmin=0, vmax=255)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_xlabel(captions[row][col], fontsize=7, labelpad=2)
+    images.save_figure(figure, path, dpi=100)
+    plt.close(figure)
+
+
 def _json_line(line: str) -> object:
     """A line of metrics.jsonl; None for one that a crash left half-written."""
     try:
@@ -368,16 +506,16 @@ def _json_line(line: str) -> object:
         return None
 
 
-def read_metrics(workdir: str, key: str, absent: str = "") -> list[dict]:
-    """The rows of metrics.jsonl that hold `key`: loss_d for training, fid for evaluations;
-    `absent` tells what to do when there are none."""
+def read_metrics(workdir: str, key: str, absent: str = "", kind: str = "") -> list[dict]:
+    """The rows of metrics.jsonl that hold `key`: loss_d for training, eval_seconds for
+    evaluations (`kind` names them, `absent` tells what to do when there are none)."""
     path = os.path.join(workdir, workdir_lib.METRICS_FILE)
     if not paths.is_file(path):
         raise checkpoints.CheckpointError(f"{path} does not exist; train first")
     rows = [row for line in paths.read_text(path).splitlines()
             if isinstance(row := _json_line(line), dict) and key in row]
     if not rows:
-        raise checkpoints.CheckpointError(f"{path} holds no {key} values{absent}")
+        raise checkpoints.CheckpointError(f"{path} holds no {kind or key + ' values'}{absent}")
     return rows
 
 
@@ -408,38 +546,62 @@ def write_plot(workdir: str, path: str) -> int:
     return len(rows)
 
 
-def write_fid_plot(workdir: str, path: str) -> tuple[int, dict]:
-    """FID over steps, and KID beside it when computed; returns the count and best row."""
+# The panels of the evaluations' plot, in order: (value, its spread if any, axis label).
+EVALUATION_PANELS = (
+    ("fid", None, "FID (lower is better)"), ("kid", "kid_std", "KID (mean ± std over subsets)"),
+    ("is", "is_std", "Inception Score (mean ± std over splits)"),
+    ("precision", None, "precision"), ("recall", None, "recall"), ("density", None, "density"),
+    ("coverage", None, "coverage"), ("memorisation", None, "memorisation (about 0.01: none)"))
+
+
+def write_fid_plot(workdir: str, path: str) -> tuple[int, dict, str]:
+    """A panel per metric the evaluations computed (config.eval.metrics), over steps, the best
+    value of config.eval.best_metric marked; returns the count of evaluations, the best row
+    and the metric it is best by."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_metrics(workdir, "fid", absent=(
+    rows = read_metrics(workdir, "eval_seconds", absent=(
         ": the run was trained without evaluations. Train with --config.eval.every=N (N > 0; "
         "the FID weights are fetched once, or given by --config.eval.fid_weights=PATH), or "
-        f"score a checkpoint with python -m dcgan_jax.evaluate --workdir={workdir}"))
-    steps = [r["step"] for r in rows]
-    best = min(rows, key=lambda r: r["fid"])
-    has_kid = all("kid" in r for r in rows)
-    figure, axes = plt.subplots(1, 2 if has_kid else 1, figsize=(12 if has_kid else 7, 4.5),
+        f"score a checkpoint with python -m dcgan_jax.evaluate --workdir={workdir}"),
+        kind="evaluations")
+    panels = [panel for panel in EVALUATION_PANELS if any(panel[0] in r for r in rows)]
+    if not panels:
+        raise checkpoints.CheckpointError(f"the evaluations in {workdir} hold no metric values")
+    names = [name for name, _, _ in panels]
+    try:  # the run's ranking of checkpoints, when it computed that value
+        ranked = checkpoints.read_run_config(workdir).eval.best_metric
+    except checkpoints.CheckpointError:
+        ranked = None
+    ranked = ranked if ranked in names else names[0]
+    rank = checkpoints.ranking(ranked)
+    best = min((r for r in rows if ranked in r), key=rank)
+    columns = min(len(panels), 4)
+    lines = -(-len(panels) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.5 * columns + 1, 4 * lines),
                                 squeeze=False)
-    fid_ax = axes[0, 0]
-    fid_ax.plot(steps, [r["fid"] for r in rows], marker="o")
-    fid_ax.scatter([best["step"]], [best["fid"]], s=120, facecolors="none", edgecolors="red",
-                   label=f"best: {best['fid']:.2f} at step {best['step']}")
-    fid_ax.set_ylabel("FID (lower is better)")
-    fid_ax.legend()
-    if has_kid:
-        kid_ax = axes[0, 1]
-        kid_ax.errorbar(steps, [r["kid"] for r in rows], yerr=[r["kid_std"] for r in rows],
-                        marker="o", capsize=3)
-        kid_ax.set_ylabel("KID (mean ± std over subsets)")
-    for ax in axes[0]:
+    for ax, (name, spread, label) in zip(axes.flat, panels, strict=False):
+        having = [r for r in rows if name in r]  # eval.metrics may change on resume
+        steps, values = [r["step"] for r in having], [r[name] for r in having]
+        if spread:
+            ax.errorbar(steps, values, yerr=[r.get(spread, 0.0) for r in having], marker="o",
+                        capsize=3)
+        else:
+            ax.plot(steps, values, marker="o")
+        if name == ranked:
+            ax.scatter([best["step"]], [best[name]], s=120, facecolors="none",
+                       edgecolors="red", label=f"best: {best[name]:.4g} at step {best['step']}")
+            ax.legend()
+        ax.set_ylabel(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     figure.tight_layout()
     images.save_figure(figure, path, dpi=100)
     plt.close(figure)
-    return len(rows), best
+    return len(rows), best, ranked
 
 
 def between_classes() -> list[int] | None:
@@ -508,8 +670,10 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
     for name in ("rows", "cols", "num", "batch_size", "frames"):
-        if FLAGS[name].value < 1:
-            sys.exit(f"dcgan_jax.sample: error: --{name}={FLAGS[name].value} must be at least 1")
+        least = 0 if name == "num" and argv[1] == "nearest" else 1  # 0: all training images
+        if FLAGS[name].value < least:
+            sys.exit(f"dcgan_jax.sample: error: --{name}={FLAGS[name].value} must be at least "
+                     f"{least}")
     if FLAGS.points < 2:
         sys.exit(f"dcgan_jax.sample: error: --points={FLAGS.points} must be at least 2")
     mode, workdir = argv[1], FLAGS.workdir
@@ -534,9 +698,10 @@ def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
         return
     if mode == "fid":
         path = output_path(workdir, "fid.png")
-        count, best = write_fid_plot(workdir, path)
-        print(f"{path}: {count} evaluations; best FID {best['fid']:.3f} at step "
-              f"{best['step']}")
+        count, best, name = write_fid_plot(workdir, path)
+        from dcgan_jax.evaluation import metrics
+        print(f"{path}: {count} evaluations; best {metrics.METRIC_LABELS[name]} "
+              f"{metrics.format_value(name, best[name])} at step {best['step']}")
         return
     sampler = Sampler(workdir, FLAGS.step, ema)
     if class_index is not None:
@@ -598,6 +763,29 @@ def run_mode(mode: str, workdir: str, ema: bool, class_index: int | None,
         path = output_path(workdir, f"real_vs_fake_{tag}.png")
         write_real_vs_fake(sampler, path, FLAGS.seed, FLAGS.rows, class_index, truncation)
         print(path)
+    elif mode == "nearest":
+        write_nearest(sampler, output_path(workdir, f"nearest_{tag}.png"), truncation)
+
+
+def write_nearest(sampler: Sampler, path: str, truncation: float | None) -> None:
+    """The nearest figure of the flags, and its printed lines: the path, what was searched,
+    and per row each space's nearest training image and distance."""
+    k = NEAREST_COLS if FLAGS["cols"].using_default_value else FLAGS.cols
+    found = nearest_training_images(sampler, FLAGS.seed, FLAGS.rows, k, FLAGS.num, truncation)
+    truncated = "" if truncation is None else f", truncation {truncation:g}"
+    write_nearest_figure(found, path, f"step {sampler.step}, seed {FLAGS.seed}{truncated}: "
+                         f"nearest of {found['pool']:,} training images",
+                         sampler.class_names if sampler.num_classes else ())
+    print(path)
+    print(f"nearest of the first {found['pool']:,} training images of {sampler.config.dataset} "
+          f"(evaluation order), Euclidean: {sampler.config.eval.dims}-d Inception features, "
+          f"pixels in [0, 1]")
+    for row in range(FLAGS.rows):
+        of_class = ("" if found["classes"] is None
+                    else f" (class {sampler.class_names[found['classes'][row]]})")
+        print(f"row {row}{of_class}: " + ", ".join(
+            f"{name} {found[space]['distances'][row, 0]:.4g} (#{found[space]['indices'][row, 0]})"
+            for space, _, name in NEAREST_SPACES))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dcgan_jax import checkpoints, data, images, losses, parallel, paths, report
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
 from dcgan_jax import workdir as workdir_lib
+from dcgan_jax.evaluation import metrics as metrics_lib
 from dcgan_jax.reporting import say
 
 # Independent of config.seed, so that grids of different runs show the same latents.
@@ -136,7 +137,8 @@ class Run:
             for folder in checkpoints.stale_temporaries(workdir):
                 say(f"Removing {folder}, a save that a stopped run left unfinished")
         self.manager = checkpoints.make_manager(workdir, config.keep_checkpoints,
-                                                keep_best_fid=evaluate_every > 0)
+                                                keep_best=(config.eval.best_metric
+                                                           if evaluate_every > 0 else None))
         iterator = data.make_pipeline(config, source, jax.process_index(),
                                       jax.process_count(), say=_say_every_process)
         self.start = 0
@@ -231,11 +233,13 @@ class Run:
         self.require_finite(step, self.all_finite(self.state))
         start_time = time.perf_counter()
         scores = self.evaluator(self.state)
-        best = checkpoints.best_fid(self.manager)
-        if best is None or scores["fid"] < best[1]:
-            best = (step, scores["fid"])
+        metric = self.config.eval.best_metric
+        best = checkpoints.best_score(self.manager, metric)
+        rank = checkpoints.ranking(metric)
+        if best is None or rank(scores) < rank({metric: best[1]}):
+            best = (step, scores[metric])
         self.reporter.write_evaluation(step, scores, time.perf_counter() - start_time,
-                                       self.evaluator.describe(self.state), best)
+                                       self.evaluator.describe(self.state), best, metric)
         self.scores = scores
 
     def save_checkpoint(self, step: int, position: data.Position) -> Callable[[], None]:
@@ -318,8 +322,11 @@ def _loop(run: Run) -> step_lib.GANState:
     else:
         say(f"Done: {step} steps. Samples in {run.samples_dir}, checkpoints in "
             f"{run.manager.directory}")
-    best = checkpoints.best_fid(run.manager) if run.evaluator else None
+    metric = run.config.eval.best_metric
+    best = checkpoints.best_score(run.manager, metric) if run.evaluator else None
     if best:
-        say(f"Best FID {best[1]:.3f} at step {best[0]}, kept in "
+        say(f"Best {metrics_lib.METRIC_LABELS[metric]} "
+            f"{metrics_lib.format_value(metric, best[1])} "
+            f"at step {best[0]}, kept in "
             f"{os.path.join(run.manager.directory, str(best[0]))}")
     return run.state

@@ -53,12 +53,14 @@ def random_fid_weights(path: str, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     state_dict = {}
     for tree_path, leaf in jax.tree_util.tree_flatten_with_path(
-            inception.abstract_variables())[0]:
+            inception.abstract_variables(logits=True))[0]:
         names = [p.key for p in tree_path]
         shape = leaf.shape
         if len(shape) == 4:  # Flax HWIO -> torch OIHW
             fan_in = shape[0] * shape[1] * shape[2]
             value = rng.normal(0, (2 / fan_in) ** 0.5, shape).transpose(3, 2, 0, 1)
+        elif names[-1] == "kernel":  # the classifier: Flax [in, out] -> torch [out, in]
+            value = rng.normal(0, 0.05, shape).T
         elif names[-1] == "var":
             value = np.ones(shape)
         elif names[-1] == "scale":

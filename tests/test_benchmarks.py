@@ -99,3 +99,22 @@ def test_export_speed_times_every_runtime_beside_sample():
         for name in ("sample", "stablehlo", "onnx", "savedmodel")] + [("sample files", "4")]
     assert all(float(row[2].replace(",", "")) > 0 for row in rows)
     assert [row[5] for row in rows if row[0] == "sample"] == ["1.00", "1.00"]
+
+
+@pytest.mark.slow
+def test_metrics_time_prints_every_metric_and_the_totals():
+    """All metrics' math, each metric's, the network pass and the per-evaluation totals
+    against FID alone, on tiny sizes."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/metrics_time.py", "--count=500", "--images=4",
+         "--repeats=1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:]
+            for line in result.stdout.splitlines() if line.startswith("| ")}
+    for name in ("FID alone", "all metrics", "kid alone", "is alone", "pr alone", "dc alone",
+                 "mem alone"):
+        assert f"{name} (math)" in rows, result.stdout
+    assert rows["FID alone (math)"][-1].strip(" |") == "1.00x"
+    assert float(rows["total per evaluation: all metrics"][-1].strip(" |x")) >= 1.0
+    assert "network 500 fakes, with logits" in rows, result.stdout

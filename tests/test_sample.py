@@ -149,7 +149,7 @@ def test_fid_without_evaluations_says_how_to_get_them(workdir, tmp_path):
     result = sample(workdir, "fid", f"--out={out}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = [line for line in result.stderr.splitlines() if "dcgan_jax.sample" in line]
-    assert len(message) == 1 and "holds no fid values" in message[0]
+    assert len(message) == 1 and "holds no evaluations" in message[0]
     assert "--config.eval.every=N" in message[0] and "dcgan_jax.evaluate" in message[0]
     assert not out.exists()
 
@@ -249,7 +249,8 @@ def test_truncation_flag_errors_are_one_line(workdir, capsys):
     assert error("grid", truncation=-1.0) == "--truncation=-1 must be above 0"
     assert error("files", truncation=float("nan")) == "--truncation=nan must be above 0"
     assert error("plot", truncation=0.5) == (
-        "--truncation applies to grid, files, interpolate, classes and real_vs_fake, not plot")
+        "--truncation applies to grid, files, interpolate, classes, real_vs_fake and nearest, "
+        "not plot")
     assert error("truncation", truncation=0.5).endswith(
         "not truncation; its values are --truncations")
     assert error("truncation", truncations=["1", "0"]) == (

@@ -1,4 +1,5 @@
-"""FID and KID of a run's generator against its dataset, as config.eval describes them, and
+"""The metrics of a run's generator against its dataset, as config.eval describes them (FID,
+KID, the Inception Score, precision/recall, density/coverage, the memorisation check), and
 intra-class FID: each class of a conditional generator against that class's images."""
 
 from __future__ import annotations
@@ -9,21 +10,29 @@ from typing import Any, Sequence
 
 import jax
 
+from dcgan_jax import config as config_lib
 from dcgan_jax import data
 from dcgan_jax import step as step_lib
 from dcgan_jax.evaluation import features, metrics, weights
 
 
-def _feature_extractor(config: Any, mesh: jax.sharding.Mesh) -> features.FeatureExtractor:
+def feature_extractor(config: Any, mesh: jax.sharding.Mesh,
+                       logits: bool = False) -> features.FeatureExtractor:
     e = config.eval
     path = weights.locate(e.fid_weights, os.path.join(
         data.cache_root(config.data.cache_dir), "weights"), e.allow_unknown_weights)
-    return features.FeatureExtractor(path, e.dims, mesh, e.batch_size)
+    return features.FeatureExtractor(path, e.dims, mesh, e.batch_size, logits)
 
 
-def _reference_origin(start: float, cache: str, computed: bool) -> str:
-    return (f"computed in {time.perf_counter() - start:.1f} s and cached in {cache}"
-            if computed else f"read from {cache}")
+def _reference_origin(start: float, cache: str, computed: bool, shown: str = "") -> str:
+    """Where the reference statistics (`cache`, one of their files) came from, in words;
+    `shown` names them instead of `cache` (the folder of per-class files)."""
+    shown = shown or cache
+    if not computed:
+        return f"read from {shown}"
+    changed = ("; the dataset changed since its statistics were cached, so they were "
+               "computed anew" if features.stale_statistics(cache) else "")
+    return f"computed in {time.perf_counter() - start:.1f} s and cached in {shown}{changed}"
 
 
 def _generator_name(state: step_lib.GANState, use_ema: bool) -> str:
@@ -31,15 +40,16 @@ def _generator_name(state: step_lib.GANState, use_ema: bool) -> str:
 
 
 class Evaluator:
-    """Loads the FID weights and the dataset's reference statistics once (computing and
-    caching the statistics on first use), then scores generators. A conditional
-    generator's samples are class-balanced (`images.sample_classes`); the reference is the
-    dataset as it is."""
+    """Loads the Inception weights and the dataset's reference statistics once (computing
+    and caching the statistics on first use), then scores generators by the metrics of
+    config.eval.metrics. A conditional generator's samples are class-balanced
+    (`images.sample_classes`); the reference is the dataset as it is."""
 
     def __init__(self, config: Any, mesh: jax.sharding.Mesh, source: Sequence[Any]):
         self.config = config
         e = config.eval
-        self.extractor = _feature_extractor(config, mesh)
+        self.metrics = config_lib.eval_metrics(e.metrics)
+        self.extractor = feature_extractor(config, mesh, logits="is" in self.metrics)
         start = time.perf_counter()
         self.reference, cache, computed = features.reference_statistics(
             config, source, self.extractor, e.num_reference)
@@ -50,7 +60,8 @@ class Evaluator:
     def __call__(self, state: step_lib.GANState, use_ema: bool = True) -> dict[str, float]:
         e = self.config.eval
         fake = self.extractor.of_samples(state, self.config, e.num_samples, use_ema)
-        return metrics.scores(fake, self.reference, e.kid_subsets, e.kid_subset_size)
+        return metrics.score(self.metrics, self.extractor.pool(fake), self.reference,
+                             self.extractor.logits(fake), e.kid_subsets, e.kid_subset_size)
 
     def describe(self, state: step_lib.GANState, use_ema: bool = True) -> str:
         balanced = "class-balanced " if self.config.model.num_classes else ""
@@ -80,7 +91,7 @@ class IntraClassEvaluator:
                 f"{config.eval.num_samples} samples give each of the {classes} classes "
                 f"{self.samples_per_class}; intra-class FID needs at least 2 a class: give "
                 f"--num_samples={2 * classes} or more")
-        self.extractor = _feature_extractor(config, mesh)
+        self.extractor = feature_extractor(config, mesh)
         start = time.perf_counter()
         self.references, cache, computed = features.class_reference_statistics(
             config, source, self.extractor, config.eval.num_reference)
@@ -88,7 +99,8 @@ class IntraClassEvaluator:
         self.reference_line = (
             f"Intra-class FID reference: {sum(counts):,} images of {config.dataset} in "
             f"{classes} classes ({min(counts):,} to {max(counts):,} a class), "
-            f"{config.eval.dims}-d features, {_reference_origin(start, cache, computed)}")
+            f"{config.eval.dims}-d features, "
+            f"{_reference_origin(start, cache[0], computed, os.path.dirname(cache[0]))}")
 
     def __call__(self, state: step_lib.GANState, use_ema: bool = True) -> list[float]:
         """The FID of each class, by class index."""

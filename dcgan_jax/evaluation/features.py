@@ -29,25 +29,31 @@ EVAL_SEED = 0
 KID_REFERENCE_FEATURES = 10_000
 # Bump when what the statistics measure changes, so old cached files are not read.
 STATS_VERSION = 1
+# Characters of the dataset's fingerprint that end a statistics file's name.
+FINGERPRINT_CHARS = 12
 
 
 class FeatureExtractor:
-    """pytorch-fid's InceptionV3 with given weights, replicated over `mesh`."""
+    """pytorch-fid's InceptionV3 with given weights, replicated over `mesh`. With `logits`,
+    each feature row is followed by the 1008 classifier logits of the same pass (the
+    Inception Score's): `pool` and `logits` take them apart."""
 
     def __init__(self, weights_path: str, dims: int, mesh: jax.sharding.Mesh,
-                 batch_size: int = 200):
+                 batch_size: int = 200, logits: bool = False):
         if dims not in inception.BLOCK_BY_DIMS:
             raise ValueError(f"dims={dims} must be one of {tuple(inception.BLOCK_BY_DIMS)}")
         state_dict = weights.read_state_dict(weights_path)
         try:
-            variables = inception.variables_from_state_dict(state_dict, dims, weights_path)
+            variables = inception.variables_from_state_dict(state_dict, dims, weights_path,
+                                                            logits)
         except ValueError as error:
             raise weights.WeightsError(str(error)) from None
         self.weights_digest = weights.file_digest(weights_path)
-        self.dims, self.mesh = dims, mesh
+        self.dims, self.mesh, self.has_logits = dims, mesh, logits
+        self.width = dims + (inception.NUM_LOGITS if logits else 0)
         self.batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
         self.variables = jax.device_put(variables, parallel.replicated(mesh))
-        self._net = inception.FIDInceptionV3(dims)
+        self._net = inception.FIDInceptionV3(dims, logits)
         self._of_images = jax.jit(
             lambda v, x: self._net.apply(v, inception.preprocess(x)),
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
@@ -73,7 +79,15 @@ class FeatureExtractor:
         chunks = [self.of_images(chunk) for batch in batches
                   for chunk in np.array_split(batch, -(-len(batch) // self.batch_size))
                   if len(chunk)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.dims), np.float32)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.width), np.float32)
+
+    def pool(self, features: np.ndarray) -> np.ndarray:
+        """FID's features of rows this extractor computed."""
+        return features[:, :self.dims]
+
+    def logits(self, features: np.ndarray) -> np.ndarray | None:
+        """The classifier's logits of rows this extractor computed (None without them)."""
+        return features[:, self.dims:] if self.has_logits else None
 
     def _samples_fn(self, config: Any, use_ema: bool) -> Any:
         """The jitted generator-to-features function of one run config."""
@@ -146,10 +160,24 @@ def folder_images(folder: str, batch_size: int) -> Iterator[np.ndarray]:
             yield np.stack(arrays)
 
 
+def dataset_fingerprint(source: Any) -> str:
+    """The dataset's fingerprint (`data.Source.fingerprint`) as process 0 reads it: hosts
+    with copies of their own (other paths and times) then name the same statistics."""
+    ours = source.fingerprint()
+    if jax.process_count() == 1:
+        return ours
+    from jax.experimental import multihost_utils
+    agreed = multihost_utils.broadcast_one_to_all(np.frombuffer(ours.encode(), np.uint8))
+    return bytes(np.asarray(agreed, np.uint8)).decode()
+
+
 def reference_cache_path(config: Any, extractor: FeatureExtractor, dataset_size: int,
-                         count: int, class_name: tuple[int, str] | None = None) -> str:
+                         count: int, fingerprint: str,
+                         class_name: tuple[int, str] | None = None) -> str:
     """Where the reference statistics of this dataset, preprocessing and network live: of
-    all `count` images, or of those of one class, `class_name` (its index and name)."""
+    all `count` images, or of those of one class, `class_name` (its index and name). The
+    name ends in the dataset's `fingerprint` (`dataset_fingerprint`), so a dataset edited in
+    place, even to the same image count, gets statistics of its own."""
     key = "|".join(str(x) for x in (
         STATS_VERSION, config.dataset, dataset_size, count, config.model.resolution,
         config.model.channels, config.data.crop, extractor.dims, extractor.weights_digest,
@@ -157,9 +185,21 @@ def reference_cache_path(config: Any, extractor: FeatureExtractor, dataset_size:
     slug = re.sub(r"[^\w.-]+", "_", config.dataset).strip("_")[-60:]
     of_class = "" if class_name is None else f"-class{class_name[0]}"
     name = (f"{slug}-{config.model.resolution}px-{count}{of_class}-{extractor.dims}d-"
-            f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+            f"{hashlib.sha256(key.encode()).hexdigest()[:12]}-"
+            f"{fingerprint[:FINGERPRINT_CHARS]}.npz")
     from dcgan_jax import data
     return os.path.join(data.cache_root(config.data.cache_dir), "fid_stats", name)
+
+
+def stale_statistics(path: str) -> list[str]:
+    """Cached statistics of the same dataset and settings as `path` but other content: the
+    dataset changed since they were computed."""
+    folder, name = os.path.split(path)
+    settings = name[:-len(".npz") - FINGERPRINT_CHARS]
+    return [os.path.join(folder, other) for other in
+            (paths.list_names(folder) if paths.exists(folder) else [])
+            if other.startswith(settings) and other != name and other.endswith(".npz")
+            and len(other) == len(name)]
 
 
 def _reference_features(config: Any, source: Any, extractor: FeatureExtractor,
@@ -169,23 +209,37 @@ def _reference_features(config: Any, source: Any, extractor: FeatureExtractor,
     from dcgan_jax import data
     found, labels = [], []
     for batch in data.evaluation_batches(config, source, count, extractor.batch_size):
-        found.append(extractor.of_batches([batch["image"]]))
+        found.append(extractor.pool(extractor.of_batches([batch["image"]])))
         if "label" in batch:
             labels.append(batch["label"])
     return (np.concatenate(found) if found else np.zeros((0, extractor.dims), np.float32),
             np.concatenate(labels) if labels else np.zeros((0,), np.int32))
 
 
+def all_cached(files: list[str]) -> bool:
+    """Whether every process finds all of `files`: computing them is a collective of every
+    process, so all must decide alike (each host may have a cache of its own, and only
+    process 0 writes)."""
+    here = all(paths.is_file(path) for path in files)
+    if jax.process_count() == 1:
+        return here
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.int32(here))))
+
+
 def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
                          count: int) -> tuple[metrics.Statistics, str, bool]:
     """Statistics of `count` dataset images (all when 0) as training sees them (cropped and
-    resized, never flipped): read from the cache, or computed and cached.
+    resized, never flipped), and the features of the first KID_REFERENCE_FEATURES of them
+    (KID's, precision/recall's and the memorisation check's real side): read from the
+    cache, or computed and cached.
 
     Returns the statistics, the cache path, and whether they were just computed.
     """
     count = min(count or len(source), len(source))
-    path = reference_cache_path(config, extractor, len(source), count)
-    if paths.is_file(path):
+    path = reference_cache_path(config, extractor, len(source), count,
+                                dataset_fingerprint(source))
+    if all_cached([path]):
         return metrics.Statistics.load(path), path, False
     found, _ = _reference_features(config, source, extractor, count)
     stats = metrics.Statistics.of(found, keep_features=KID_REFERENCE_FEATURES)
@@ -200,14 +254,16 @@ def class_reference_statistics(config: Any, source: Any, extractor: FeatureExtra
     of `reference_statistics` (intra-class FID's references): read from the cache, or
     computed in one pass over the data and cached, a file per class.
 
-    Returns the statistics by class, the cache folder, and whether they were just computed.
+    Returns the statistics by class, their cache files, and whether they were just
+    computed.
     """
     count = min(count or len(source), len(source))
-    cache = [reference_cache_path(config, extractor, len(source), count, (label, name))
+    fingerprint = dataset_fingerprint(source)
+    cache = [reference_cache_path(config, extractor, len(source), count, fingerprint,
+                                  (label, name))
              for label, name in enumerate(source.class_names)]
-    folder = os.path.dirname(cache[0])
-    if all(paths.is_file(path) for path in cache):
-        return [metrics.Statistics.load(path) for path in cache], folder, False
+    if all_cached(cache):
+        return [metrics.Statistics.load(path) for path in cache], cache, False
     found, labels = _reference_features(config, source, extractor, count)
     by_class = []
     for label, name in enumerate(source.class_names):
@@ -222,4 +278,4 @@ def class_reference_statistics(config: Any, source: Any, extractor: FeatureExtra
     if jax.process_index() == 0:
         for path, stats in zip(cache, by_class, strict=True):
             stats.save(path)
-    return by_class, folder, True
+    return by_class, cache, True

@@ -17,6 +17,8 @@ import numpy as np
 INPUT_SIZE = 299
 # Feature widths pytorch-fid offers, and the block whose output each one is.
 BLOCK_BY_DIMS = {64: 0, 192: 1, 768: 2, 2048: 3}
+# The classifier's classes: its logits give the Inception Score.
+NUM_LOGITS = 1008
 Pad = int | tuple[int, int]
 
 
@@ -127,9 +129,14 @@ class InceptionE(nn.Module):
 
 class FIDInceptionV3(nn.Module):
     """Spatially averaged features of the block that `dims` names, from images in [-1, 1]
-    at 299x299 (NHWC). Blocks after that one are neither built nor run."""
+    at 299x299 (NHWC). Blocks after that one are neither built nor run.
+
+    With `logits` (dims 2048 only), each row is followed by the classifier's 1008 logits
+    without its bias, torch-fidelity's `logits_unbiased`, from which it computes the
+    Inception Score: one pass gives FID's features and IS's logits."""
 
     dims: int = 2048
+    logits: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -154,7 +161,14 @@ class FIDInceptionV3(nn.Module):
             x = InceptionD(name="Mixed_7a")(x)
             x = InceptionE(name="Mixed_7b")(x)
             x = InceptionE(max_pool=True, name="Mixed_7c")(x)
-        return x.mean(axis=(1, 2))
+        pool = x.mean(axis=(1, 2))
+        if not self.logits:
+            return pool
+        if self.dims != 2048:
+            raise ValueError(f"the logits follow the 2048-d features, not dims={self.dims}")
+        logits = nn.Dense(NUM_LOGITS, use_bias=False, name="fc",
+                          precision=jax.lax.Precision.HIGHEST)(pool)
+        return jnp.concatenate([pool, logits], axis=-1)
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -171,25 +185,26 @@ def preprocess(images: jax.Array) -> jax.Array:
 def torch_key(path: Sequence[str]) -> str:
     """pytorch-fid's state-dict key of a Flax variable path."""
     *modules, leaf = path
-    if modules[-1] == "conv":
+    if modules[-1] == "conv" or leaf == "kernel":
         return ".".join(modules) + ".weight"
     names = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
     return ".".join(modules + [names[leaf]])
 
 
-def abstract_variables(dims: int = 2048) -> Any:
+def abstract_variables(dims: int = 2048, logits: bool = False) -> Any:
     """Shapes of the network's variables, without computing them."""
     x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-    return jax.eval_shape(FIDInceptionV3(dims).init, jax.random.PRNGKey(0), x)
+    return jax.eval_shape(FIDInceptionV3(dims, logits).init, jax.random.PRNGKey(0), x)
 
 
 def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], dims: int = 2048,
-                              source: str = "the weights file") -> dict[str, Any]:
+                              source: str = "the weights file",
+                              logits: bool = False) -> dict[str, Any]:
     """Flax variables from pytorch-fid's state dict (torch layout, as numpy arrays).
 
     Raises ValueError naming the first key that is missing or has the wrong shape.
     """
-    abstract = abstract_variables(dims)
+    abstract = abstract_variables(dims, logits)
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         names = [p.key for p in path]
@@ -201,12 +216,16 @@ def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], dims: int = 
         shape = leaf.shape
         if len(shape) == 4:  # Flax HWIO; torch OIHW
             shape = (shape[3], shape[2], shape[0], shape[1])
+        elif names[-1] == "kernel":  # Flax [in, out]; torch [out, in]
+            shape = shape[::-1]
         if value.shape != shape:
             raise ValueError(
                 f"{source}: {key!r} has shape {tuple(value.shape)} where pytorch-fid's "
                 f"InceptionV3 has {shape}; it is not pt_inception-2015-12-05")
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)
+        elif names[-1] == "kernel":
+            value = value.T
         flat[tuple(names)] = value
     return jax.tree_util.tree_map_with_path(
         lambda path, _: flat[tuple(p.key for p in path)], abstract)

@@ -7,8 +7,11 @@ and ours can be compared; the linear algebra differs where theirs is slow or ine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -18,6 +21,26 @@ from dcgan_jax.errors import UserFacingError
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020  # torch-fidelity's default, so that subsets match its own
+
+
+# The names of evaluation values in progress lines, in the order they are shown.
+METRIC_LABELS = {"fid": "FID", "kid": "KID", "is": "IS", "precision": "precision",
+                 "recall": "recall", "density": "density", "coverage": "coverage",
+                 "memorisation": "memorisation"}
+
+
+def format_value(name: str, value: float) -> str:
+    """An evaluation value as progress lines and `evaluate` show it."""
+    return f"{value:.3f}" if name == "fid" else f"{value:.5f}" if name == "kid" else f"{value:.4f}"
+
+
+def evaluation_text(values: dict[str, float]) -> str:
+    """`FID 31.234 KID 0.01234 ± 0.00100 IS 2.3456 ± 0.0123 ...`: the values present."""
+    return " ".join(
+        f"{label} {format_value(name, values[name])}"
+        + (f" ± {format_value(name, values[name + '_std'])}" if name + "_std" in values else "")
+        for name, label in METRIC_LABELS.items() if name in values)
+
 
 
 class MetricError(UserFacingError, ValueError):
@@ -44,8 +67,9 @@ class Statistics:
                 f"is singular and FID is biased high; use at least {features.shape[1]} "
                 f"images (10,000 or more to compare with published numbers)", stacklevel=2)
         kept = features if keep_features is None else features[:keep_features]
-        return cls(mu=np.mean(features, axis=0), sigma=np.cov(features, rowvar=False),
-                   count=len(features), features=kept)
+        with bounded_blas():
+            return cls(mu=np.mean(features, axis=0), sigma=np.cov(features, rowvar=False),
+                       count=len(features), features=kept)
 
     def save(self, path: str) -> None:
         """An .npz pytorch-fid can read (`mu`, `sigma`), written atomically (on a disk or in
@@ -96,11 +120,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricError(f"statistics of {mu1.shape[0]}-d and {mu2.shape[0]}-d features "
                           f"cannot be compared; compute both with the same --dims")
-    values, vectors = np.linalg.eigh(sigma1)
-    _check_semidefinite(values, "sigma1")
-    root = np.sqrt(np.clip(values, 0, None))
-    product = root[:, None] * (vectors.T @ sigma2 @ vectors) * root
-    product_values = np.linalg.eigvalsh(product)
+    with bounded_blas():
+        values, vectors = np.linalg.eigh(sigma1)
+        _check_semidefinite(values, "sigma1")
+        root = np.sqrt(np.clip(values, 0, None))
+        product = root[:, None] * (vectors.T @ sigma2 @ vectors) * root
+        product_values = np.linalg.eigvalsh(product)
     _check_semidefinite(product_values, "sigma2")
     trace_sqrt = np.sqrt(np.clip(product_values, 0, None)).sum()
     diff = mu1 - mu2
@@ -149,18 +174,56 @@ def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = KID_SUBSETS
     features1, features2 = np.asarray(features1, dtype), np.asarray(features2, dtype)
     rng = np.random.RandomState(seed)
     mmds = np.zeros(subsets)
-    for i in range(subsets):
-        x = features1[rng.choice(len(features1), size, replace=False)]
-        y = features2[rng.choice(len(features2), size, replace=False)]
-        mmds[i] = _polynomial_mmd(x, y)
+    with bounded_blas():
+        for i in range(subsets):
+            x = features1[rng.choice(len(features1), size, replace=False)]
+            y = features2[rng.choice(len(features2), size, replace=False)]
+            mmds[i] = _polynomial_mmd(x, y)
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def scores(fake_features: np.ndarray, reference: Statistics, kid_subsets: int = KID_SUBSETS,
-           kid_subset_size: int = KID_SUBSET_SIZE) -> dict[str, float]:
-    """FID, and KID (mean and std) when the reference keeps its features."""
-    result = {"fid": fid(Statistics.of(fake_features), reference)}
-    if reference.features is not None:
-        result["kid"], result["kid_std"] = kid(fake_features, reference.features, kid_subsets,
+def bounded_blas() -> contextlib.AbstractContextManager:
+    """BLAS on half the cores this process may run on (at least one) while the host math
+    runs: with a thread per core, BLAS's spinning threads and other work on those cores (the
+    input pipeline's workers, another process) slow each other down many times over."""
+    from threadpoolctl import threadpool_limits
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return threadpool_limits(limits=max(1, cores // 2), user_api="blas")
+
+
+def score(wanted: Sequence[str], fake: np.ndarray, reference: Statistics,
+          fake_logits: np.ndarray | None = None, kid_subsets: int = KID_SUBSETS,
+          kid_subset_size: int = KID_SUBSET_SIZE) -> dict[str, float]:
+    """The values of the metrics `wanted` (names.METRIC_VALUES) of generated images'
+    features `fake` (and classifier logits, for the Inception Score) against `reference`.
+
+    FID uses the reference's statistics; KID, precision/recall, density/coverage and the
+    memorisation check its kept features (a fixed subset of the dataset's, as cached).
+    """
+    from dcgan_jax.evaluation import quality
+    result: dict[str, float] = {}
+    if reference.features is None and {"kid", "pr", "dc", "mem"} & set(wanted):
+        raise MetricError("the reference statistics keep no features: only FID can be "
+                          "computed against them (drop kid, pr, dc and mem from the metrics)")
+    if "fid" in wanted:
+        result["fid"] = fid(Statistics.of(fake), reference)
+    if "kid" in wanted:
+        result["kid"], result["kid_std"] = kid(fake, reference.features, kid_subsets,
                                                kid_subset_size)
+    if "is" in wanted:
+        if fake_logits is None:
+            raise MetricError("the Inception Score needs the classifier's logits: compute "
+                              "the features with logits (eval.dims=2048)")
+        result["is"], result["is_std"] = quality.inception_score(fake_logits)
+    if "pr" in wanted:
+        values = quality.prdc(reference.features, fake)
+        result.update({name: values[name] for name in ("precision", "recall")})
+        if "dc" in wanted:
+            result.update({name: values[name] for name in ("density", "coverage")})
+    elif "dc" in wanted:
+        result["density"], result["coverage"] = quality.density_coverage(reference.features,
+                                                                         fake)
+    if "mem" in wanted:
+        result["memorisation"], _ = quality.memorisation_fraction(fake, reference.features)
     return result
