@@ -15,8 +15,6 @@ is run on them before the export is kept, and again by anyone who deploys it.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -267,14 +265,6 @@ RUNNERS = {"stablehlo": run_stablehlo, "onnx": run_onnx, "savedmodel": run_saved
 # ---------------------------------------------------------------------------- the export
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_hashes(folder: str) -> dict[str, str]:
     """SHA-256 of every file under `folder` but the manifest, by its path relative to it."""
     hashes = {}
@@ -283,7 +273,7 @@ def file_hashes(folder: str) -> dict[str, str]:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder).replace(os.sep, "/")
             if relative != MANIFEST:
-                hashes[relative] = sha256(path)
+                hashes[relative] = paths.sha256(path)
     return hashes
 
 

@@ -14,6 +14,7 @@ before loading anything heavy.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
@@ -69,6 +70,15 @@ def open_file(path: PathLike) -> Iterator[IO[bytes]]:
     else:
         with open(path, "rb") as f:
             yield f
+
+
+def sha256(path: PathLike) -> str:
+    """The SHA-256 of a file, read in 4 MB chunks (on a disk or in a bucket)."""
+    digest = hashlib.sha256()
+    with open_file(path) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_text(path: PathLike) -> str:

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from dcgan_jax import checkpoints, exporters, parallel
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
 
-from helpers import run
+from helpers import run, tree_digest
 from tiny_config import tiny_config
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four"]
@@ -182,6 +183,35 @@ def test_a_stopped_export_leaves_the_folder_as_it_was(exported, tmp_path, monkey
         exporters.export(generator, state, ["stablehlo"], str(out), say=lambda line: None)
     assert json.loads((out / exporters.MANIFEST).read_text()) == first
     assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+@pytest.mark.slow
+def test_failed_exports_leave_every_file_of_the_workdir_as_it_was(exported, tmp_path,
+                                                                  monkeypatch):
+    """Exports to the run's own export/ folder that stop, fail their check or fail to
+    convert leave the workdir (checkpoints, config.json, the earlier export) byte for byte."""
+    workdir = tmp_path / "run"
+    shutil.copytree(exported[0], workdir)
+    generator, state = exporters.restore_generator(str(workdir))
+    out = workdir / "export" / "step0_ema"
+    exporters.export(generator, state, ["safetensors"], str(out), say=lambda line: None)
+    before = tree_digest(workdir)
+    monkeypatch.setitem(exporters.WRITERS, "onnx", lambda generator, path: 1 / 0)
+    with pytest.raises(exporters.ExportError, match="the onnx export failed"):
+        exporters.export(generator, state, ["stablehlo", "onnx"], str(out),
+                         say=lambda line: None)
+
+    def stopped(generator, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(exporters.WRITERS, "onnx", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        exporters.export(generator, state, ["onnx"], str(out), say=lambda line: None)
+    monkeypatch.setitem(exporters.RUNNERS, "stablehlo",
+                        lambda path, inputs: np.zeros((len(inputs["z"]), 32, 32, 1)))
+    with pytest.raises(exporters.ExportError, match="stablehlo artifact's images differ"):
+        exporters.export(generator, state, ["stablehlo"], str(out), say=lambda line: None)
+    assert tree_digest(workdir) == before
 
 
 @pytest.mark.slow

@@ -264,11 +264,7 @@ def save_npz(state_dict: dict[str, np.ndarray], path: str) -> None:
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     del size, mtime_ns, inode  # the cache key: a changed file is hashed again
-    digest = hashlib.sha256()
-    with paths.open_file(path) as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return paths.sha256(path)
 
 
 def file_digest(path: str) -> str:
