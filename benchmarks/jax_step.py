@@ -27,13 +27,14 @@ def cpu_description() -> str:
 
 
 def jax_config(resolution: int, batch_size: int, dtype: str, num_classes: int = 0,
-               msg: bool = False) -> types.SimpleNamespace:
+               msg: bool = False, g_cond: str = "concat",
+               d_cond: str = "concat") -> types.SimpleNamespace:
     """The fields of `dcgan_jax.config.get_default_config()` that the train step reads; with
-    `num_classes`, the conditional DCGAN of the defaults (cbn G, projection D)."""
+    `num_classes`, a conditional DCGAN (by default the defaults' concat G and concat D)."""
     model = types.SimpleNamespace(family="dcgan", resolution=resolution, channels=CHANNELS,
                                   nz=NZ, ngf=NGF, ndf=NDF, msg=msg, msg_combine="simple",
                                   leaky_slope=0.2, d_norm="batch", num_classes=num_classes,
-                                  g_cond="cbn", d_cond="projection")
+                                  g_cond=g_cond, d_cond=d_cond)
     train = types.SimpleNamespace(batch_size=batch_size, lr_d=LR, lr_g=LR, beta1=BETAS[0],
                                   beta2=BETAS[1], lr_decay=False, d_steps=1, loss="ns",
                                   label_smoothing=0.0, gradient_penalty="none", gp_weight=10.0,
@@ -66,6 +67,6 @@ def run_steps(compiled: Any, state: step_lib.GANState, batch: step_lib.Batch,
               steps: int) -> step_lib.GANState:
     """`steps` steps on the same batch; the host waits for the devices only at the end."""
     for _ in range(steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     return state

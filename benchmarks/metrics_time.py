@@ -2,6 +2,7 @@
 
   python benchmarks/metrics_time.py                   # 10k x 10k features, 64 images
   python benchmarks/metrics_time.py --count=500 --images=4 --repeats=1   # smoke test
+  python benchmarks/metrics_time.py --count=50000 --nonetwork   # 50k x 50k, the math alone
 
 Part 1, the metrics' math on features: `metrics.score` of FID alone, of all metrics and of
 each metric alone, on synthetic 2048-d features shaped like Inception pool features
@@ -9,7 +10,9 @@ each metric alone, on synthetic 2048-d features shaped like Inception pool featu
 features (the cached subset that KID, pr, dc and mem read) and `--count` fakes with
 1008 logits. An untimed first call of all metrics compiles the k-NN functions (as a run's
 first evaluation does); then the cases alternate, `--repeats` times, in one process, and the
-medians of wall and CPU seconds (time.process_time: every thread's) are shown.
+medians of wall and CPU seconds (time.process_time: every thread's) are shown. The k-NN
+distances run on JAX's default device (an accelerator where there is one), the FID and KID
+math on the host.
 
 Part 2, the network pass: the FeatureExtractor (2048-d, without and with the logits that the
 Inception Score needs) on `--images` uint8 images of `--resolution` (resized to 299x299 inside,
@@ -40,6 +43,7 @@ flags.DEFINE_integer("images", 64, "Images of the timed network pass.")
 flags.DEFINE_integer("resolution", 64, "Side of the square RGB images of the network pass.")
 flags.DEFINE_integer("repeats", 3, "Timed runs of each case; medians are shown.")
 flags.DEFINE_integer("seed", 0, "Seed of the random features and images.")
+flags.DEFINE_bool("network", True, "Time the network pass too (Part 2).")
 FLAGS = flags.FLAGS
 
 ALL = EVAL_METRICS
@@ -132,13 +136,15 @@ def main(argv):
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
     print("Part 1: the metrics' math")
     math = time_math(FLAGS.count, FLAGS.dims, FLAGS.repeats, FLAGS.seed)
-    print("Part 2: the network pass")
-    network = time_network(FLAGS.images, FLAGS.resolution, FLAGS.repeats, FLAGS.seed)
-    print(f"load {os.getloadavg()[0]:.2f}\n")
-
     n = FLAGS.count
     fid_alone = math["FID alone"]
     rows = [(f"{name} (math)", *math[name], fid_alone) for name in CASES]
+    if not FLAGS.network:
+        print_table(rows)
+        return
+    print("Part 2: the network pass")
+    network = time_network(FLAGS.images, FLAGS.resolution, FLAGS.repeats, FLAGS.seed)
+    print(f"load {os.getloadavg()[0]:.2f}\n")
     for what, images in ((f"{n:,} fakes", n), (f"{2 * n:,} (+ reference)", 2 * n)):
         for logits in (False, True):
             rows.append((f"network {what}, {'with' if logits else 'no'} logits",
@@ -149,6 +155,10 @@ def main(argv):
         every = tuple(math["all metrics"][i] + network[True][i] * images for i in (0, 1))
         rows.append((f"total {what}: FID alone", *alone, alone))
         rows.append((f"total {what}: all metrics", *every, alone))
+    print_table(rows)
+
+
+def print_table(rows: list[tuple]) -> None:
     print("vs FID alone: against the same part of an evaluation of FID alone (its math, the "
           "network without logits, its total).\n")
     print("| what | wall s | CPU s | vs FID alone |")
