@@ -3,9 +3,10 @@
   python -m dcgan_jax.evaluate --workdir=RUN [--step=N] [--num_samples=10000] [--no_ema]
       a checkpoint's generator against its dataset (reference statistics cached); a
       class-conditional generator's samples are class-balanced;
-  python -m dcgan_jax.evaluate --workdir=RUN --per_class
-      intra-class FID of a class-conditional run: each class's samples (--num_samples split
-      evenly) against that class's dataset images, and the mean over the classes;
+  python -m dcgan_jax.evaluate --workdir=RUN --per_class [--metrics=fid,kid,pr]
+      each class of a class-conditional run scored alone: its samples (--num_samples split
+      evenly) against its dataset images, by every metric, a line per class, then the means
+      over the classes (intra-class FID's among them);
   python -m dcgan_jax.evaluate --workdir=gs://BUCKET/RUN --coordinator_address=HOST0:PORT \\
       --num_processes=N --process_id=I
       on every host of a pod, with dcgan_jax.main's multi-host flags (or their JAX_*
@@ -57,9 +58,10 @@ flags.DEFINE_integer("num_samples", None, "Generated images; the run's config.ev
                      "by default.")
 flags.DEFINE_integer("num_reference", None, "Dataset images of the reference statistics "
                      "(0: all); the run's config.eval value by default.")
-flags.DEFINE_bool("per_class", False, "With --workdir of a class-conditional run: the FID of "
-                  "each class against that class's dataset images, and their mean "
-                  "(intra-class FID).")
+flags.DEFINE_bool("per_class", False, "With --workdir of a class-conditional run: every "
+                  "metric (--metrics or the run's config.eval.metrics) of each class's samples "
+                  "against that class's dataset images, and their means over the classes "
+                  "(FID's is intra-class FID).")
 flags.DEFINE_string("real", None, "Folder of real images, or a statistics .npz.")
 flags.DEFINE_string("fake", None, "Folder of generated images, or a statistics .npz.")
 flags.DEFINE_string("save_stats", None, "With --real only: write its statistics here.")
@@ -165,11 +167,12 @@ def print_scores(values: dict[str, float], kid_subsets: int, kid_subset_size: in
 
 
 def evaluate_run(workdir: str, per_class: bool = False) -> None:
-    """Scores a checkpoint of `workdir`: FID and KID, or with `per_class` intra-class FID."""
+    """Scores a checkpoint of `workdir` by the metrics wanted: over class-balanced samples,
+    or with `per_class` class by class."""
     from dcgan_jax import checkpoints, data, parallel
     from dcgan_jax import config as config_lib
     from dcgan_jax import step as step_lib
-    from dcgan_jax.evaluation.evaluator import Evaluator, IntraClassEvaluator
+    from dcgan_jax.evaluation.evaluator import Evaluator, IntraClassEvaluator, per_class_lines
     from dcgan_jax.reporting import hide_gpus_from_tensorflow
     hide_gpus_from_tensorflow()
     config = checkpoints.read_run_config(workdir)
@@ -197,10 +200,8 @@ def evaluate_run(workdir: str, per_class: bool = False) -> None:
     print(f"{workdir}, step {int(parallel.fetch(state.step))}: "
           f"{evaluator.describe(state, use_ema)} in {time.perf_counter() - start:.1f} s")
     if per_class:
-        for label, (name, fid) in enumerate(zip(evaluator.class_names, scores, strict=True)):
-            print(f"class {label} ({name}): FID {fid:.6f}")
-        print(f"intra-class FID (mean of {len(scores)} classes): "
-              f"{sum(scores) / len(scores):.6f}")
+        print("\n".join(per_class_lines(evaluator.class_names, scores, e.kid_subsets,
+                                         evaluator.kid_subset_sizes)))
         return
     print_scores(scores, e.kid_subsets,
                  min(e.kid_subset_size, e.num_samples, len(evaluator.reference.features)))
@@ -232,8 +233,6 @@ def _check_flags() -> str | None:
                                      "--metrics")
         except config_lib.ConfigError as error:
             return str(error)
-        if FLAGS.per_class:
-            return "--per_class computes intra-class FID alone; drop --metrics"
         if FLAGS.save_stats:
             return "--save_stats writes statistics, not metrics; drop --metrics"
         if "is" in FLAGS.metrics and FLAGS.fake and FLAGS.fake.endswith(".npz"):

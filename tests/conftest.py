@@ -6,7 +6,7 @@ from absl import flags
 
 from dcgan_jax import cli
 
-from helpers import COMPILATION_CACHE
+from helpers import COMPILATION_CACHE, calibrated_fid_weights
 from tiny_config import tiny_config
 
 # The command lines' process settings (JAX's classic threefry), which tests' numbers assume.
@@ -23,3 +23,12 @@ flags.FLAGS.mark_as_parsed()
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def torch_weights(tmp_path_factory):
+    """Random FID Inception weights with calibrated BatchNorm statistics, as PyTorch saves
+    them (`helpers.calibrated_fid_weights`): (state dict, {"zip": path, "legacy": path})."""
+    pytest.importorskip("torch")
+    pytest.importorskip("pytorch_fid")
+    return calibrated_fid_weights(str(tmp_path_factory.mktemp("fid_weights")))

@@ -132,3 +132,61 @@ def colour_classes(images) -> list[int]:
     means = np.asarray(images, np.float64).reshape(len(images), -1, 3).mean(axis=1)
     distances = np.abs(means[:, None, :] - np.array(CLASS_COLOURS)[None]).max(axis=-1)
     return [int(d.argmin()) if d.min() <= 3 else -1 for d in distances]
+
+
+def varied_images(count, height, width, seed):
+    """Smooth random images of different brightness and contrast: unlike white noise, their
+    Inception features differ from image to image."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (rng.integers(2, 9), rng.integers(2, 9), 3), np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
+                           np.float32)
+        out.append(np.clip(image * rng.uniform(0.3, 1.2) + rng.uniform(-60, 60), 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+def write_folder(folder, images):
+    """`images` (uint8 [N, H, W(, C)]) as PNGs 0000.png, 0001.png... in a new `folder`."""
+    from PIL import Image
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return str(folder)
+
+
+def calibrated_fid_weights(folder):
+    """pytorch-fid's FID InceptionV3 with torchvision's random initialisation and BatchNorm
+    statistics calibrated on a few images (fresh statistics give near-constant features, and
+    a saturated classifier: an Inception Score of 1), saved in both of PyTorch's formats in
+    `folder`. Returns the state dict and {"zip": path, "legacy": path}. Needs PyTorch and
+    pytorch-fid (test-only dependencies)."""
+    import numpy as np
+    import torch
+    from pytorch_fid import inception as pfi
+    from torchvision.models.inception import Inception3
+    torch.manual_seed(0)
+    initial = Inception3(num_classes=1008, aux_logits=False, init_weights=True).state_dict()
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *args, **kwargs: initial
+    try:
+        net = pfi.fid_inception_v3()
+    finally:
+        pfi.load_state_dict_from_url = original
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative averages
+    net.train()
+    calibration = varied_images(8, 299, 299, seed=100)
+    with torch.no_grad():
+        for batch in np.split(calibration, 2):
+            net(torch.tensor(batch).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    state_dict = net.eval().state_dict()
+    paths = {"zip": os.path.join(folder, "zip.pth"), "legacy": os.path.join(folder, "legacy.pth")}
+    torch.save(state_dict, paths["zip"])
+    torch.save(state_dict, paths["legacy"], _use_new_zipfile_serialization=False)
+    return state_dict, paths

@@ -30,15 +30,17 @@ def test_layer_forms_times_forms_that_agree_with_pytorch():
 
 
 @pytest.mark.slow
-def test_conditional_step_benchmark_prints_both_steps_and_their_ratio():
+def test_conditional_step_benchmark_prints_every_step_and_its_ratios():
     result = subprocess.run(
         [sys.executable, "benchmarks/conditional_step.py", "--resolutions=32",
          "--batch_size=4", "--steps=1", "--repeats=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  32")]
-    assert [row[3] for row in rows] == ["unconditional", "cbn+projection,"], result.stdout
-    assert float(rows[0][-1]) == 1.0 and float(rows[1][-1]) > 0
+    assert [row[3] for row in rows] == ["unconditional", "concat+concat,",
+                                        "cbn+projection,"], result.stdout
+    assert [float(x) for x in rows[0][-2:]] == [1.0, 1.0]  # CPU and wall ratios
+    assert all(float(x) > 0 for row in rows[1:] for x in row[-2:])
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,28 @@ def test_metrics_time_prints_every_metric_and_the_totals():
     assert rows["FID alone (math)"][-1].strip(" |") == "1.00x"
     assert float(rows["total per evaluation: all metrics"][-1].strip(" |x")) > 0
     assert "network 500 fakes, with logits" in rows, result.stdout
+
+
+@pytest.mark.slow
+def test_pixel_scaling_scores_the_same_images_three_ways():
+    """Ours, ours with (x-128)/128 pixels and torch-fidelity's own extractor load one state
+    dict (random weights, said loudly) and score the same digits: every metric in each row,
+    and features that differ from ours' a little, never not at all."""
+    pytest.importorskip("torch_fidelity")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pixel_scaling.py", "--count=10", "--batch_size=10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM WEIGHTS" in result.stdout and "NOTHING" in result.stdout, result.stdout
+    rows = {cells[0]: cells[1:] for cells in (
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in result.stdout.splitlines() if line.startswith("| "))}
+    ways = ("pytorch-fid (ours)", "(x-128)/128 scaling", "torch-fidelity")
+    assert all(way in rows for way in ways), result.stdout
+    assert rows["way"][:7] == ["FID", "KID", "IS", "precision", "recall", "density",
+                              "coverage"], result.stdout
+    assert [float(x) for x in rows[ways[0]][-2:]] == [0.0, 0.0]
+    for way in ways[1:]:
+        assert all(0 < float(x) < 0.1 for x in rows[way][-2:]), result.stdout
+        assert float(rows[way][0]) > 0 and float(rows[way][2]) >= 1

@@ -1,7 +1,9 @@
 """Sampling and evaluation by class on a class-conditional checkpoint made directly (no
 training): grids, files and interpolations of given classes, the classes figure, matching
-real images, class-balanced FID and intra-class FID."""
+real images, class-balanced FID and every metric class by class (intra-class FID and
+the others)."""
 
+import dataclasses
 import re
 
 import jax
@@ -14,7 +16,8 @@ from PIL import Image
 from dcgan_jax import checkpoints, data, images, parallel, sample
 from dcgan_jax import config as config_lib
 from dcgan_jax import step as step_lib
-from dcgan_jax.evaluation import features
+from dcgan_jax.evaluation import evaluator as evaluator_lib
+from dcgan_jax.evaluation import features, metrics, quality
 from dcgan_jax.evaluation.evaluator import Evaluator, IntraClassEvaluator
 
 from helpers import random_fid_weights, run
@@ -235,38 +238,209 @@ def test_class_balanced_fid_scores_the_files_samples(conditional):
     assert evaluator.describe(state) == "20 class-balanced samples of G vs 100 dataset images"
 
 
-def test_intra_class_fid_references_by_class(conditional):
+def with_eval(config, **fields):
+    """A copy of `config` with config.eval `fields` changed (the fixture's is shared)."""
+    config = config.copy_and_resolve_references()
+    for name, value in fields.items():
+        config.eval[name] = value
+    return config
+
+
+def test_per_class_values_are_each_class_metrics(conditional, monkeypatch, tmp_path):
+    """Each class's values are metrics.score of its samples against its reference images,
+    whose statistics (all the class's features up to its share of KID_REFERENCE_FEATURES, the
+    first in the evaluation order) are cached a file per class."""
     _, config, state = conditional
+    wanted = ("fid", "kid", "pr", "dc")
+    config = with_eval(config, metrics=",".join(wanted), num_samples=40, batch_size=4)
+    config.data.cache_dir = str(tmp_path / "cache")  # with this test's share kept
+    monkeypatch.setattr(features, "KID_REFERENCE_FEATURES", 60)  # 6 of each class
     source = data.open_source(config.dataset)
     mesh = parallel.make_mesh()
     evaluator = IntraClassEvaluator(config, mesh, source)
-    labels = np.concatenate([batch["label"] for batch in data.evaluation_batches(
-        config, source, 100, 100)])
+    extractor, samples = evaluator.extractor, {}
+
+    def recording(state, config, count, use_ema=True, class_index=None):
+        found = of_samples(state, config, count, use_ema, class_index)
+        samples[class_index] = extractor.pool(found)
+        return found
+
+    of_samples = extractor.of_samples
+    monkeypatch.setattr(extractor, "of_samples", recording)
+    batches = list(data.evaluation_batches(config, source, 100, 100))
+    labels = np.concatenate([batch["label"] for batch in batches])
+    real = extractor.of_batches([batch["image"] for batch in batches])
     assert [r.count for r in evaluator.references] == np.bincount(labels, minlength=10).tolist()
-    assert re.fullmatch(r"Intra-class FID reference: 100 images of demo:mnist in 10 classes "
+    assert re.fullmatch(r"Per-class reference: 100 images of demo:mnist in 10 classes "
                         r"\(\d+ to \d+ a class\), 64-d features, computed in [\d.]+ s and "
                         r"cached in .*fid_stats", evaluator.reference_line)
     scores = evaluator(state)
-    assert len(scores) == CLASSES and all(score > 0 for score in scores)
     assert evaluator.describe(state) == (
-        "2 samples of each of 10 classes (20 in all) of G vs 100 dataset images")
+        "4 samples of each of 10 classes (40 in all) of G vs 100 dataset images")
+    # Each class's 4 samples, as the evaluator scored them and as of_samples gives them.
+    assert sorted(samples) == list(range(CLASSES))
+    assert {len(found) for found in samples.values()} == {4}
+    np.testing.assert_array_equal(samples[3], of_samples(state, config, 4, class_index=3))
+    e = config.eval
+    for label, values in enumerate(scores):
+        reference = metrics.Statistics.of(real[labels == label], keep_features=6)
+        want = metrics.score(wanted, samples[label], reference, None, e.kid_subsets,
+                             e.kid_subset_size)
+        assert sorted(values) == sorted(want) == sorted(
+            ["fid", "kid", "kid_std", "precision", "recall", "density", "coverage"])
+        assert values == pytest.approx(want, rel=1e-6), label
+        assert values["fid"] > 0
+    assert len({values["fid"] for values in scores}) == CLASSES  # each class its own
+
     again = IntraClassEvaluator(config, mesh, source)
     assert "read from" in again.reference_line
     for cached, computed in zip(again.references, evaluator.references, strict=True):
         np.testing.assert_array_equal(cached.mu, computed.mu)
+        assert len(cached.features) == min(cached.count, 6)
+        np.testing.assert_array_equal(cached.features, computed.features)
+    assert any(cached.count > 6 for cached in again.references), "the share was kept"
+
+
+class FakeExtractor:
+    """Stands in for feature_extractor's: features and 1008 logits of each class's samples
+    made up from the class index, without the network."""
+
+    dims = 8
+
+    def __init__(self, logits):
+        self.has_logits = logits
+
+    def of_samples(self, state, config, count, use_ema=True, class_index=None):
+        rng = np.random.default_rng(class_index)
+        return rng.standard_normal((count, self.dims + 1008 * self.has_logits), np.float32)
+
+    def pool(self, found):
+        return found[:, :self.dims]
+
+    def logits(self, found):
+        return found[:, self.dims:] if self.has_logits else None
+
+
+def fake_references(counts, dims=FakeExtractor.dims):
+    """class_reference_statistics's answer: classes of `counts` random features each."""
+    def statistics(config, source, extractor, count):
+        rng = np.random.default_rng(99)
+        found = [metrics.Statistics.of(rng.standard_normal((n, dims)), keep_features=n)
+                 for n in counts]
+        return found, [f"/cache/fid_stats/class{k}.npz" for k in range(len(counts))], False
+    return statistics
+
+
+def test_per_class_inception_score_from_each_class_logits(conditional, monkeypatch):
+    _, config, _ = conditional
+    asked = []
+    monkeypatch.setattr(evaluator_lib, "feature_extractor",
+                        lambda config, mesh, logits=False: asked.append(logits)
+                        or FakeExtractor(logits))
+    monkeypatch.setattr(features, "class_reference_statistics", fake_references([12] * 10))
+    config = with_eval(config, metrics="is,kid", num_samples=500)
+    evaluator = IntraClassEvaluator(config, None, data.open_source(config.dataset))
+    assert asked == [True]
+    assert "read from /cache/fid_stats" in evaluator.reference_line
+    scores = evaluator(None)
+    for label, values in enumerate(scores):
+        logits = FakeExtractor(True).of_samples(None, config, 50, class_index=label)[:, 8:]
+        assert (values["is"], values["is_std"]) == quality.inception_score(logits)
+        assert sorted(values) == ["is", "is_std", "kid", "kid_std"]
+    assert evaluator.kid_subset_sizes == [10] * 10  # min(subset size, samples, reference)
+
+
+def test_too_few_images_of_a_class_for_a_metric(conditional, monkeypatch):
+    """Too few samples fail before the network loads, too few reference images name the
+    class: one line each, with the fix."""
+    _, config, _ = conditional
+    source = data.open_source(config.dataset)
+
+    def error(**fields):
+        with pytest.raises(metrics.MetricError) as info:
+            IntraClassEvaluator(with_eval(config, **fields), None, source)
+        return str(info.value)
+
+    monkeypatch.setattr(evaluator_lib, "feature_extractor", None)  # never reached
+    assert error(metrics="fid,is", num_samples=495) == (
+        "495 samples give each of the 10 classes 49; the Inception Score (5 in each of its 10 "
+        "splits) needs at least 50 a class: give --num_samples=500 or more")
+    assert error(metrics="kid,pr", num_samples=35) == (
+        "35 samples give each of the 10 classes 3; precision/recall (k=3) needs at least 4 a "
+        "class: give --num_samples=40 or more")
+    assert error(metrics="fid", num_samples=19).endswith(
+        "intra-class FID needs at least 2 a class: give --num_samples=20 or more")
+    monkeypatch.setattr(evaluator_lib, "feature_extractor",
+                        lambda config, mesh, logits=False: FakeExtractor(logits))
+    monkeypatch.setattr(features, "class_reference_statistics",
+                        fake_references([5, 5, 3, 5, 5, 5, 5, 5, 5, 5]))
+    assert error(metrics="fid,dc", num_samples=40) == (
+        "class 2 (2) has 3 image(s) among the 48 reference images of demo:mnist; "
+        "density/coverage (k=3) needs at least 4 a class: raise --num_reference (0 reads them "
+        "all), or drop dc from --metrics")
+    assert error(metrics="fid,mem", num_samples=40).endswith(
+        "the memorisation check (its 1st percentile) needs at least 100 a class: raise "
+        "--num_reference (0 reads them all), or drop mem from --metrics")
+    IntraClassEvaluator(with_eval(config, metrics="fid,kid", num_samples=40), None, source)
+
+    def capped(config, source, extractor, count):  # 120 images of each class, 3 features kept
+        found, cache, computed = fake_references([120] * 10)(config, source, extractor, count)
+        return [dataclasses.replace(r, features=r.features[:3]) for r in found], cache, computed
+
+    monkeypatch.setattr(features, "class_reference_statistics", capped)
+    assert error(metrics="fid,pr", num_samples=40) == (
+        "class 0 (0) keeps 3 reference features (the 10,000 kept are shared by the 10 "
+        "classes); precision/recall (k=3) needs at least 4 a class: drop pr from --metrics")
+
+
+def test_per_class_lines():
+    """FID alone prints as intra-class FID always has; other values join each class's line
+    and a line of their means."""
+    names = ["zero", "one"]
+    assert evaluator_lib.per_class_lines(names, [{"fid": 1.5}, {"fid": 2.25}], 5, [10, 10]) == [
+        "class 0 (zero): FID 1.500000", "class 1 (one): FID 2.250000",
+        "intra-class FID (mean of 2 classes): 1.875000"]
+    scores = [{"kid": 0.01, "kid_std": 0.001, "is": 1.5, "is_std": 0.1, "precision": 0.5,
+               "recall": 0.25, "fid": 3.0},
+              {"kid": 0.02, "kid_std": 0.003, "is": 2.5, "is_std": 0.2, "precision": 1.0,
+               "recall": 0.75, "fid": 4.0}]
+    assert evaluator_lib.per_class_lines(names, scores, 5, [8, 10]) == [
+        "class 0 (zero): FID 3.000000 KID 0.010000 ± 0.001000 IS 1.500000 ± 0.100000 "
+        "precision 0.500000 recall 0.250000",
+        "class 1 (one): FID 4.000000 KID 0.020000 ± 0.003000 IS 2.500000 ± 0.200000 "
+        "precision 1.000000 recall 0.750000",
+        "intra-class FID (mean of 2 classes): 3.500000",
+        "per-class mean of 2 classes: KID 0.015000 (5 subsets of 8 to 10 a class) IS 2.000000 "
+        "precision 0.750000 recall 0.500000"]
+    assert evaluator_lib.per_class_lines(names, [{"precision": 0.5}, {"precision": 0.0}], 5,
+                                         [8, 8])[-1] == (
+        "per-class mean of 2 classes: precision 0.250000")
 
 
 @pytest.mark.slow
 def test_evaluate_per_class_prints_each_class_and_the_mean(conditional, tmp_path):
     workdir, _, _ = conditional
     out = run(["-m", "dcgan_jax.evaluate", f"--workdir={workdir}", "--per_class",
-               "--num_samples=35"]).stdout
-    lines = re.findall(r"^class (\d) \((\d)\): FID ([\d.]+)$", out, re.M)
-    assert [(int(k), int(name)) for k, name, _ in lines] == [(k, k) for k in range(10)]
+               "--num_samples=45", "--metrics=fid,kid,pr"]).stdout
+    number = r"(\d+\.\d{6})"
+    lines = re.findall(rf"^class (\d) \((\w+)\): FID {number} KID {number} ± {number} "
+                       rf"precision {number} recall {number}$", out, re.M)
+    assert [(int(k), name) for k, name, *_ in lines] == [(k, str(k)) for k in range(10)]
+    values = np.array([[float(v) for v in line[2:]] for line in lines])
     mean = float(re.search(r"^intra-class FID \(mean of 10 classes\): ([\d.]+)$", out,
                            re.M).group(1))
-    assert mean == pytest.approx(np.mean([float(fid) for *_, fid in lines]), abs=1e-5)
-    assert "3 samples of each of 10 classes (30 of the 35 asked for) of G" in out
+    assert mean == pytest.approx(values[:, 0].mean(), abs=2e-6)
+    means = re.search(rf"^per-class mean of 10 classes: KID {number} \(5 subsets of 4 a "
+                      rf"class\) precision {number} recall {number}$", out, re.M)
+    assert [float(v) for v in means.groups()] == pytest.approx(
+        values[:, [1, 3, 4]].mean(axis=0), abs=2e-6)
+    assert "4 samples of each of 10 classes (40 of the 45 asked for) of G" in out
+
+    too_few = run(["-m", "dcgan_jax.evaluate", f"--workdir={workdir}", "--per_class",
+                   "--num_samples=30", "--metrics=fid,pr"], check=False)
+    assert too_few.returncode == 1 and too_few.stderr.strip() == (
+        "dcgan_jax.evaluate: error: 30 samples give each of the 10 classes 3; "
+        "precision/recall (k=3) needs at least 4 a class: give --num_samples=40 or more")
 
     unconditional = tmp_path / "unconditional"
     unconditional.mkdir()

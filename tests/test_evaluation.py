@@ -12,55 +12,10 @@ import pytest
 from dcgan_jax import parallel
 from dcgan_jax.evaluation import features, metrics, weights
 
-from helpers import random_fid_weights, run
+from helpers import random_fid_weights, run, varied_images, write_folder
 
 torch = pytest.importorskip("torch")
 pfi = pytest.importorskip("pytorch_fid.inception")
-
-
-def varied_images(count, height, width, seed):
-    """Smooth random images of different brightness and contrast: unlike white noise, their
-    Inception features differ from image to image."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        coarse = rng.integers(0, 256, (rng.integers(2, 9), rng.integers(2, 9), 3), np.uint8)
-        image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
-                           np.float32)
-        out.append(np.clip(image * rng.uniform(0.3, 1.2) + rng.uniform(-60, 60), 0, 255))
-    return np.stack(out).astype(np.uint8)
-
-
-@pytest.fixture(scope="session")
-def torch_weights(tmp_path_factory):
-    """pytorch-fid's FID InceptionV3 with torchvision's random initialisation and BatchNorm
-    statistics calibrated on a few images (fresh statistics give near-constant features),
-    saved in both of PyTorch's formats."""
-    from torchvision.models.inception import Inception3
-    torch.manual_seed(0)
-    initial = Inception3(num_classes=1008, aux_logits=False, init_weights=True).state_dict()
-    original = pfi.load_state_dict_from_url
-    pfi.load_state_dict_from_url = lambda *args, **kwargs: initial
-    try:
-        net = pfi.fid_inception_v3()
-    finally:
-        pfi.load_state_dict_from_url = original
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative averages
-    net.train()
-    calibration = varied_images(8, 299, 299, seed=100)
-    with torch.no_grad():
-        for batch in np.split(calibration, 2):
-            net(torch.tensor(batch).permute(0, 3, 1, 2).float() / 127.5 - 1)
-    state_dict = net.eval().state_dict()
-    folder = tmp_path_factory.mktemp("fid_weights")
-    paths = {"zip": str(folder / "zip.pth"), "legacy": str(folder / "legacy.pth")}
-    torch.save(state_dict, paths["zip"])
-    torch.save(state_dict, paths["legacy"], _use_new_zipfile_serialization=False)
-    return state_dict, paths
 
 
 def pytorch_fid_features(state_dict, images, dims):
@@ -195,14 +150,6 @@ def test_kid_matches_torch_fidelity():
     assert mean == pytest.approx(expected[KEY_METRIC_KID_MEAN], rel=1e-4)
     assert std == pytest.approx(expected[KEY_METRIC_KID_STD], rel=1e-3)
     assert mean > 5 * std  # the two sets differ
-
-
-def write_folder(folder, images):
-    from PIL import Image
-    folder.mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{i:04d}.png")
-    return str(folder)
 
 
 def fid_of(output):

@@ -125,3 +125,48 @@ def test_the_evaluations_plot_has_a_panel_per_metric_and_ranks_by_the_best_metri
     count, best, name = sample.write_fid_plot(str(tmp_path), str(tmp_path / "fid.png"))
     assert (count, best["step"], name) == (3, 4, "precision")
     assert Image.open(tmp_path / "fid.png").size[0] > Image.open(tmp_path / "fid.png").size[1]
+
+
+@pytest.mark.slow  # Inception passes over 500 images
+def test_the_memorisation_check_passes_new_images_of_the_data_and_flags_copies(tmp_path,
+                                                                              monkeypatch):
+    """What a well-trained demo G should draw, new digits of the dataset's own distribution
+    (held-out images, never among the reference), scores about 0.01 (the percentile); a G
+    that looks up the reference's own images scores 1."""
+    from dcgan_jax.evaluation import quality
+    config = eval_config(tmp_path, eval__dims=64, eval__metrics="fid,mem",
+                         eval__num_reference=300, eval__num_samples=300, eval__batch_size=100)
+    state = save_run(tmp_path / "run", config)
+    source = data.open_source(config.dataset, config.data.cache_dir)
+    evaluator = evaluator_lib.Evaluator(config, parallel.make_mesh(), source)
+    # The evaluation order's first 300 images are the reference; the next 200 are held out.
+    batches = data.evaluation_batches(config, source, 500, 100)
+    held_out = evaluator.extractor.pool(evaluator.extractor.of_batches(
+        batch["image"] for index, batch in enumerate(batches) if index >= 3))
+    reference = evaluator.reference.features
+    assert reference.shape == (300, 64) and held_out.shape == (200, 64)
+    _, threshold = quality.memorisation_fraction(held_out, reference)
+    assert threshold > 0, "duplicates in the reference would make the check meaningless"
+
+    monkeypatch.setattr(evaluator.extractor, "of_samples", lambda *args, **kw: held_out)
+    assert evaluator(state)["memorisation"] <= 0.03
+    copies = reference[np.random.default_rng(0).permutation(300)]
+    monkeypatch.setattr(evaluator.extractor, "of_samples", lambda *args, **kw: copies)
+    assert evaluator(state)["memorisation"] == 1.0
+
+
+def test_statistics_file_names_do_not_change_unnoticed():
+    """A renamed statistics file makes every run compute its reference again (hours on a
+    CPU), without a word: the names are pinned. Bump STATS_VERSION or CLASS_STATS_VERSION
+    when what a file holds changes, and update these."""
+    import types
+
+    from dcgan_jax.evaluation import features
+    config = tiny_config(data__cache_dir="/cache")
+    extractor = types.SimpleNamespace(dims=2048, weights_digest="6726825d" * 8)
+    fingerprint = "7f842bc7f2db0123456789"
+    assert features.reference_cache_path(config, extractor, 5000, 5000, fingerprint) == \
+        "/cache/fid_stats/demo_mnist-32px-5000-2048d-ee7a5f9e6299-7f842bc7f2db.npz"
+    assert features.reference_cache_path(config, extractor, 5000, 5000, fingerprint,
+                                         (3, "three")) == \
+        "/cache/fid_stats/demo_mnist-32px-5000-class3-v2-2048d-fe6c60185918-7f842bc7f2db.npz"

@@ -94,8 +94,11 @@ def test_block_size_changes_nothing():
     real, fake = features(130, 64, 7), features(97, 64, 8, shift=0.2)
     assert quality.prdc(real, fake, block_size=5) == quality.prdc(real, fake, block_size=10000)
     train = features(110, 64, 9)
-    assert quality.memorisation_fraction(fake, train, 10, block_size=6) == \
-        quality.memorisation_fraction(fake, train, 10, block_size=10000)
+    fraction, threshold = quality.memorisation_fraction(fake, train, 10, block_size=6)
+    whole = quality.memorisation_fraction(fake, train, 10, block_size=10000)
+    # The threshold is a distance: a GPU's products of other block shapes round it otherwise
+    # (2e-7 relative on an H200).
+    assert fraction == whole[0] and threshold == pytest.approx(whole[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])

@@ -9,7 +9,6 @@ process holds all of them; with several hosts, each one passes the same full bat
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
 import os
 import re
@@ -29,6 +28,9 @@ EVAL_SEED = 0
 KID_REFERENCE_FEATURES = 10_000
 # Bump when what the statistics measure changes, so old cached files are not read.
 STATS_VERSION = 1
+# Bump when what a class's statistics file holds changes (2: the class's features, which
+# version 1 left out), so that older files are not read.
+CLASS_STATS_VERSION = 2
 # Characters of the dataset's fingerprint that end a statistics file's name.
 FINGERPRINT_CHARS = 12
 
@@ -178,12 +180,13 @@ def reference_cache_path(config: Any, extractor: FeatureExtractor, dataset_size:
     all `count` images, or of those of one class, `class_name` (its index and name). The
     name ends in the dataset's `fingerprint` (`dataset_fingerprint`), so a dataset edited in
     place, even to the same image count, gets statistics of its own."""
+    of_class = ("" if class_name is None
+                else f"-class{class_name[0]}-v{CLASS_STATS_VERSION}")
     key = "|".join(str(x) for x in (
         STATS_VERSION, config.dataset, dataset_size, count, config.model.resolution,
         config.model.channels, config.data.crop, extractor.dims, extractor.weights_digest,
-        *(class_name or ())))
+        *((*class_name, CLASS_STATS_VERSION) if class_name else ())))
     slug = re.sub(r"[^\w.-]+", "_", config.dataset).strip("_")[-60:]
-    of_class = "" if class_name is None else f"-class{class_name[0]}"
     name = (f"{slug}-{config.model.resolution}px-{count}{of_class}-{extractor.dims}d-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:12]}-"
             f"{fingerprint[:FINGERPRINT_CHARS]}.npz")
@@ -251,8 +254,10 @@ def reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
 def class_reference_statistics(config: Any, source: Any, extractor: FeatureExtractor,
                                count: int) -> tuple[list[metrics.Statistics], str, bool]:
     """For each class of a labelled source, the statistics of its images among the `count`
-    of `reference_statistics` (intra-class FID's references): read from the cache, or
-    computed in one pass over the data and cached, a file per class.
+    of `reference_statistics`, with the features of its first KID_REFERENCE_FEATURES /
+    classes (the per-class references of every metric other than FID; so that all classes
+    together keep as many as `reference_statistics`, 80 MB at 2048-d): read from the cache,
+    or computed in one pass over the data and cached, a file per class.
 
     Returns the statistics by class, their cache files, and whether they were just
     computed.
@@ -265,16 +270,16 @@ def class_reference_statistics(config: Any, source: Any, extractor: FeatureExtra
     if all_cached(cache):
         return [metrics.Statistics.load(path) for path in cache], cache, False
     found, labels = _reference_features(config, source, extractor, count)
+    kept = max(KID_REFERENCE_FEATURES // len(source.class_names), 1)
     by_class = []
     for label, name in enumerate(source.class_names):
         of_class = found[labels == label]
         if len(of_class) < 2:
             raise metrics.MetricError(
                 f"class {label} ({name}) has {len(of_class)} image(s) among the {count:,} "
-                f"reference images of {config.dataset}; intra-class FID needs at least 2 a "
-                f"class: raise --num_reference (0 reads them all)")
-        # No features kept: intra-class scores are FID only.
-        by_class.append(dataclasses.replace(metrics.Statistics.of(of_class), features=None))
+                f"reference images of {config.dataset}; per-class statistics need at least 2 "
+                f"a class: raise --num_reference (0 reads them all)")
+        by_class.append(metrics.Statistics.of(of_class, keep_features=kept))
     if jax.process_index() == 0:
         for path, stats in zip(cache, by_class, strict=True):
             stats.save(path)

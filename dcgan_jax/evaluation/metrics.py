@@ -34,11 +34,16 @@ def format_value(name: str, value: float) -> str:
     return f"{value:.3f}" if name == "fid" else f"{value:.5f}" if name == "kid" else f"{value:.4f}"
 
 
-def evaluation_text(values: dict[str, float]) -> str:
-    """`FID 31.234 KID 0.01234 ± 0.00100 IS 2.3456 ± 0.0123 ...`: the values present."""
+def evaluation_text(values: dict[str, float], decimals: int | None = None) -> str:
+    """`FID 31.234 KID 0.01234 ± 0.00100 IS 2.3456 ± 0.0123 ...`: the values present, as
+    progress lines show them, or all with `decimals` (as `evaluate` prints them)."""
+
+    def shown(name: str, value: float) -> str:
+        return format_value(name, value) if decimals is None else f"{value:.{decimals}f}"
+
     return " ".join(
-        f"{label} {format_value(name, values[name])}"
-        + (f" ± {format_value(name, values[name + '_std'])}" if name + "_std" in values else "")
+        f"{label} {shown(name, values[name])}"
+        + (f" ± {shown(name, values[name + '_std'])}" if name + "_std" in values else "")
         for name, label in METRIC_LABELS.items() if name in values)
 
 
