@@ -225,6 +225,7 @@ def test_class_flag_errors(conditional, tmp_path, capsys):
         "unconditional (config.model.num_classes=0)")
 
 
+@pytest.mark.slow  # the Inception over about 150 images
 def test_class_balanced_fid_scores_the_files_samples(conditional):
     _, config, state = conditional
     source = data.open_source(config.dataset)
@@ -246,6 +247,7 @@ def with_eval(config, **fields):
     return config
 
 
+@pytest.mark.slow  # the Inception over 240 images
 def test_per_class_values_are_each_class_metrics(conditional, monkeypatch, tmp_path):
     """Each class's values are metrics.score of its samples against its reference images,
     whose statistics (all the class's features up to its share of KID_REFERENCE_FEATURES, the

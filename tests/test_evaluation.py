@@ -40,7 +40,8 @@ def test_weights_reader_matches_torch_load(torch_weights, fmt):
 
 
 @pytest.mark.parametrize("dims,sizes", [
-    (2048, [(64, 64), (299, 299), (37, 53)]),
+    # The whole network at three sizes: the slow tier (the others keep it in the fast one).
+    pytest.param(2048, [(64, 64), (299, 299), (37, 53)], marks=pytest.mark.slow),
     (768, [(128, 128)]),
     (192, [(32, 32)]),
     (64, [(320, 240)]),

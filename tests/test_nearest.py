@@ -65,6 +65,7 @@ def training_images(config, count):
     return next(data.evaluation_batches(config, source, count, count))["image"]
 
 
+@pytest.mark.slow  # the Inception over the dataset and the samples
 def test_copies_are_their_own_nearest(unconditional, tmp_path, capsys, monkeypatch):
     workdir, config = unconditional
     rows, k, pool = 4, 2, 40
