@@ -24,7 +24,6 @@ pytorch-fid's layout (tests/helpers.py): the speed does not depend on their valu
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import warnings
 
 import numpy as np
 from absl import app, flags
+from repo_helpers import load_test_helpers
 
 from dcgan_jax import cli
 from dcgan_jax.names import EVAL_METRICS
@@ -102,11 +102,7 @@ def time_network(images: int, resolution: int, repeats: int, seed: int) -> dict[
     from dcgan_jax import parallel
     from dcgan_jax.evaluation import features
 
-    # By path: a `tests` package installed by some dependency would shadow the repository's.
-    spec = importlib.util.spec_from_file_location("helpers", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = load_test_helpers()
     batch = np.random.default_rng(seed).integers(
         0, 256, (images, resolution, resolution, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as folder:

@@ -29,15 +29,15 @@ N(0, 16^2) noise so that the sets differ.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from absl import app, flags
+from repo_helpers import load_test_helpers
 
 from dcgan_jax import cli
 
@@ -55,15 +55,6 @@ VALUES = ("fid", "kid", "is", "precision", "recall", "density", "coverage")
 SCORED = ("fid", "kid", "is", "pr", "dc")  # the metrics that give VALUES
 LABELS = {"fid": "FID", "kid": "KID", "is": "IS"}
 Features = tuple[np.ndarray, np.ndarray]  # pool features [N, 2048], logits [N, 1008]
-
-
-def load_helpers() -> Any:
-    """tests/helpers.py, by path: a `tests` package of some dependency could shadow ours."""
-    spec = importlib.util.spec_from_file_location("helpers", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers
 
 
 def demo_sets(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +169,7 @@ def main(argv: list[str]) -> None:
           f"{os.getloadavg()[0]:.2f}")
 
     with tempfile.TemporaryDirectory() as folder:
-        path = FLAGS.fid_weights or load_helpers().random_fid_weights(
+        path = FLAGS.fid_weights or load_test_helpers().random_fid_weights(
             os.path.join(folder, "random.npz"), FLAGS.seed)
         state_dict = weights.read_state_dict(path)
         known = weights.file_digest(path) == weights.WEIGHTS_SHA256
